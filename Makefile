@@ -1,0 +1,45 @@
+# fpnlib: two commands on a fresh machine.
+#   make reproduce   the main job on the embedded default (PRESET=cpu)
+#   make test        the test suite (unit tests + notebooks under the smoke preset)
+# Every target creates the virtual environment when it is missing.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PRESET ?= cpu
+# torch/torchvision builds this project is tested with (they install offline on the dev machines)
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.fpnlib-installed
+
+.PHONY: help setup test reproduce data lab student clean-data
+
+help:
+	@echo "make reproduce   run the whole reproduction under PRESET=$(PRESET)"
+	@echo "make test        run the tests (unit + notebooks under smoke)"
+	@echo "make data        generate the embedded data set for PRESET"
+	@echo "make lab         open the notebooks in JupyterLab"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_PINS) 2>&1 | grep -v "is ignored" || true
+	$(PY) -m pip install --quiet -e '.[notebooks,test]' 2>&1 | grep -v "is ignored" || true
+	$(PY) -c "import torch, torchvision, pycocotools, papermill, fpnlib"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+reproduce: $(STAMP)
+	$(PY) -m fpnlib reproduce --preset $(PRESET)
+
+data: $(STAMP)
+	$(PY) -m fpnlib data --preset $(PRESET) --root data/$(PRESET)
+
+lab: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[lab]' 2>&1 | grep -v "is ignored" || true
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean-data:
+	rm -rf data/smoke data/cpu data/gpu

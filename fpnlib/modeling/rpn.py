@@ -1,0 +1,366 @@
+"""Region Proposal Network on a feature pyramid (Sec. 4.1).
+
+The RPN of Faster R-CNN slides a small network (a 3x3 conv and two sibling 1x1 convs, for
+objectness and box regression) over a feature map. FPN attaches this same head to every
+pyramid level, with anchors of a single scale per level (32^2 on P2 ... 512^2 on P6) and three
+aspect ratios, and the head's parameters are shared across levels (Sec. 4.1: "the parameters of
+the heads are shared across all feature pyramid levels").
+
+One function per step:
+  ``RPNHead``                 logits and deltas for every level
+  ``flatten_head_outputs``    maps -> per-anchor rows, in the anchor generator's (y, x, a) order
+  ``rpn_losses``              label, sample, binary cross-entropy + smooth-L1 (training)
+  ``select_proposals``        top-k per level, decode, clip, NMS per level, top-N per image
+  ``RPN``                     the module gluing them together
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import batched_nms, remove_small_boxes
+
+from .anchor_labels import label_anchors, sample_anchors
+from .box_coder import clip_boxes, decode, encode
+
+
+@dataclass
+class RPNConfig:
+    """RPN training and inference settings (Sec. 4.1 and 5.1; Faster R-CNN for the rest).
+
+    ``pre_nms_top_n_*`` is per pyramid level and per image, before NMS. ``post_nms_top_n_*`` is
+    per IMAGE after merging the levels: Detectron's first FPN release took it per mini-batch,
+    which makes an image's proposal count depend on its batch-mates; here it does not.
+    """
+
+    pos_iou: float = 0.7
+    neg_iou: float = 0.3
+    batch_per_image: int = 256
+    positive_fraction: float = 0.5
+    pre_nms_top_n_train: int = 2000
+    pre_nms_top_n_test: int = 1000
+    post_nms_top_n_train: int = 2000
+    post_nms_top_n_test: int = 1000
+    nms_thresh: float = 0.7
+    min_size: float = 0.0
+    ignore_cross_boundary: bool = False
+    smooth_l1_beta: float = 1.0 / 9.0
+    shared_head: bool = True
+
+
+class _HeadBranch(nn.Module):
+    """3x3 conv + ReLU, then sibling 1x1 convs: A objectness logits and 4A box deltas."""
+
+    def __init__(self, in_channels: int, hidden: int, num_anchors: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, hidden, 3, padding=1)
+        self.objectness = nn.Conv2d(hidden, num_anchors, 1)
+        self.deltas = nn.Conv2d(hidden, 4 * num_anchors, 1)
+        for layer in (self.conv, self.objectness, self.deltas):
+            # Faster R-CNN's init: N(0, 0.01) weights, zero bias.
+            nn.init.normal_(layer.weight, std=0.01)
+            nn.init.constant_(layer.bias, 0.0)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = F.relu(self.conv(x))
+        return self.objectness(x), self.deltas(x)
+
+
+class RPNHead(nn.Module):
+    """The RPN head of Sec. 4.1, applied to each level in ``levels``.
+
+    ``shared=True`` (the paper) uses one set of weights for all levels; ``shared=False`` gives
+    each level its own head, for the ablation the paper mentions ("we have also evaluated the
+    alternative without sharing parameters and observed similar accuracy").
+    ``hidden`` is the 3x3 conv's width (default: ``in_channels``, i.e. d = 256 on a pyramid).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_anchors: int,
+        levels: Sequence[str],
+        shared: bool = True,
+        hidden: int | None = None,
+    ):
+        super().__init__()
+        self.levels = tuple(levels)
+        self.num_anchors = num_anchors
+        self.shared = shared
+        hidden = in_channels if hidden is None else hidden
+        if shared:
+            self.head = _HeadBranch(in_channels, hidden, num_anchors)
+        else:
+            self.heads = nn.ModuleDict({lvl: _HeadBranch(in_channels, hidden, num_anchors) for lvl in self.levels})
+
+    def forward(self, feats: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """level -> [N, A, H, W] logits, level -> [N, 4A, H, W] deltas, in ``self.levels`` order."""
+        logits, deltas = {}, {}
+        for lvl in self.levels:
+            branch = self.head if self.shared else self.heads[lvl]
+            logits[lvl], deltas[lvl] = branch(feats[lvl])
+        return logits, deltas
+
+
+def _values(maps: Mapping[str, Tensor] | Sequence[Tensor], levels: Sequence[str] | None = None) -> list[Tensor]:
+    """The per-level tensors of a dict (in ``levels`` order when given) or a list."""
+    if isinstance(maps, Mapping):
+        return [maps[lvl] for lvl in (levels if levels is not None else maps)]
+    return list(maps)
+
+
+def _flatten_level(logits: Tensor, deltas: Tensor) -> tuple[Tensor, Tensor]:
+    """(N, A, H, W), (N, 4A, H, W) -> (N, H*W*A), (N, H*W*A, 4); already-flat input passes.
+
+    The anchor generator enumerates anchors as (y, x, a), so the maps are permuted to
+    (N, H, W, A); the 4A delta channels are grouped per anchor as (A, 4).
+    """
+    if logits.dim() == 2:
+        return logits, deltas.reshape(logits.shape[0], -1, 4)
+    n, a, h, w = logits.shape
+    logits = logits.permute(0, 2, 3, 1).reshape(n, -1)
+    deltas = deltas.view(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4)
+    return logits, deltas
+
+
+def flatten_head_outputs(
+    objectness: Mapping[str, Tensor] | Sequence[Tensor],
+    deltas: Mapping[str, Tensor] | Sequence[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """Concatenate all levels: -> logits [N, total], deltas [N, total, 4].
+
+    Rows follow the levels' order, then (y, x, a) within a level: the order of
+    ``torch.cat(list(anchor_generator(features).values()))``.
+    """
+    levels = list(objectness) if isinstance(objectness, Mapping) else None
+    flat = [_flatten_level(o, d) for o, d in zip(_values(objectness), _values(deltas, levels))]
+    return torch.cat([o for o, _ in flat], dim=1), torch.cat([d for _, d in flat], dim=1)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _sample_image(
+    anchors: Tensor,
+    gt_boxes: Tensor,
+    image_hw: tuple[int, int],
+    cfg: RPNConfig,
+    generator: torch.Generator | None,
+    ignore_boxes: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Label one image's anchors (IoU >= 0.7 positive, < 0.3 negative) and sample a mini-batch.
+
+    Returns (positive indices, negative indices, index of the matched gt of every anchor).
+    """
+    labels, matched = label_anchors(
+        anchors,
+        gt_boxes,
+        pos_iou=cfg.pos_iou,
+        neg_iou=cfg.neg_iou,
+        image_hw=image_hw,
+        ignore_cross_boundary=cfg.ignore_cross_boundary,
+        ignore_boxes=ignore_boxes,
+    )
+    pos, neg = sample_anchors(labels, num=cfg.batch_per_image, positive_fraction=cfg.positive_fraction, generator=generator)
+    return pos, neg, matched
+
+
+def rpn_losses(
+    objectness: Tensor,
+    deltas: Tensor,
+    anchors: Tensor,
+    gt_boxes: Sequence[Tensor],
+    image_hws: Sequence[tuple[int, int]],
+    cfg: RPNConfig,
+    generator: torch.Generator | None = None,
+    ignore_boxes: Sequence[Tensor | None] | None = None,
+) -> dict[str, Tensor]:
+    """RPN loss over the sampled anchors of all images in the batch (Faster R-CNN, Eq. 1).
+
+    objectness [N, total] logits, deltas [N, total, 4], anchors [total, 4] shared by the batch.
+    Objectness: binary cross-entropy with logits, averaged over the sampled anchors. Box:
+    smooth-L1 (beta ``cfg.smooth_l1_beta``) on positives only, summed and divided by the number
+    of sampled anchors, i.e. the same normaliser as the objectness term (Faster R-CNN's
+    1/N_cls, as in Detectron, rather than the paper's 1/N_reg with lambda = 10, which is about
+    the same). An image without objects contributes negatives only and no box term, so the box
+    loss of such a batch is exactly 0.
+    """
+    logits, labels, pos_deltas, pos_targets = [], [], [], []
+    for i, gt in enumerate(gt_boxes):
+        ignore = None if ignore_boxes is None else ignore_boxes[i]
+        pos, neg, matched = _sample_image(anchors, gt, image_hws[i], cfg, generator, ignore)
+        logits.append(objectness[i, torch.cat([pos, neg])])
+        labels.append(torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]).to(objectness.dtype))
+        pos_deltas.append(deltas[i, pos])
+        pos_targets.append(encode(anchors[pos], gt[matched[pos]].to(anchors)))
+    logits, labels = torch.cat(logits), torch.cat(labels)
+    num_sampled = max(logits.numel(), 1)  # guards a batch whose anchors are all ignored
+    loss_objectness = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / num_sampled
+    # reduction="sum" of an empty input is exactly 0 (a mean would be NaN).
+    loss_box = F.smooth_l1_loss(
+        torch.cat(pos_deltas), torch.cat(pos_targets), beta=cfg.smooth_l1_beta, reduction="sum"
+    ) / num_sampled
+    return {"loss_objectness": loss_objectness, "loss_rpn_box": loss_box}
+
+
+# ---------------------------------------------------------------------------- proposals
+
+
+def _top_k_per_level(
+    objectness: Mapping[str, Tensor] | Sequence[Tensor],
+    deltas: Mapping[str, Tensor] | Sequence[Tensor],
+    anchors: Mapping[str, Tensor],
+    k: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The k highest-scoring anchors of every level of every image.
+
+    Returns logits [N, K], deltas [N, K, 4], anchors [N, K, 4] and level ids [K], with K the
+    sum over levels of min(k, anchors on that level). ``topk`` runs along each image's row, so
+    the choice for one image never depends on the others.
+    """
+    levels = list(anchors)
+    obj_levels = _values(objectness, levels if isinstance(objectness, Mapping) else None)
+    dts_levels = _values(deltas, levels if isinstance(deltas, Mapping) else None)
+    out_logits, out_deltas, out_anchors, out_levels = [], [], [], []
+    for i, (o, d, a) in enumerate(zip(obj_levels, dts_levels, anchors.values())):
+        o, d = _flatten_level(o, d)
+        top, idx = o.topk(min(k, o.shape[1]), dim=1)
+        out_logits.append(top)
+        out_deltas.append(torch.take_along_dim(d, idx[..., None], dim=1))
+        out_anchors.append(a[idx])
+        out_levels.append(torch.full((idx.shape[1],), i, dtype=torch.int64, device=idx.device))
+    return torch.cat(out_logits, 1), torch.cat(out_deltas, 1), torch.cat(out_anchors, 1), torch.cat(out_levels)
+
+
+def _proposals_for_image(
+    boxes: Tensor,
+    logits: Tensor,
+    level_ids: Tensor,
+    image_hw: tuple[int, int],
+    post_nms_top_n: int,
+    nms_thresh: float,
+    min_size: float,
+) -> tuple[Tensor, Tensor]:
+    """Clip, drop small boxes, NMS within each level, keep the image's top ``post_nms_top_n``."""
+    boxes = clip_boxes(boxes, image_hw)
+    keep = remove_small_boxes(boxes, min_size)
+    keep = keep[torch.isfinite(boxes[keep]).all(dim=1) & torch.isfinite(logits[keep])]
+    boxes, logits, level_ids = boxes[keep], logits[keep], level_ids[keep]
+    # One call for all levels: the level index is the NMS group, so boxes only suppress boxes
+    # of their own level. The result is sorted by decreasing score, across levels.
+    keep = batched_nms(boxes, logits, level_ids, nms_thresh)[:post_nms_top_n]
+    return boxes[keep], logits[keep].sigmoid()
+
+
+@torch.no_grad()
+def select_proposals(
+    objectness: Mapping[str, Tensor] | Sequence[Tensor],
+    deltas: Mapping[str, Tensor] | Sequence[Tensor],
+    anchors: Mapping[str, Tensor],
+    image_hws: Sequence[tuple[int, int]],
+    pre_nms_top_n: int,
+    post_nms_top_n: int,
+    nms_thresh: float,
+    min_size: float,
+) -> list[tuple[Tensor, Tensor]]:
+    """Proposals per image: list of (boxes [K, 4], scores [K]) with K <= ``post_nms_top_n``.
+
+    objectness/deltas: per level, either [N, A, H, W] / [N, 4A, H, W] maps (dict keyed like
+    ``anchors``) or already flattened [N, H*W*A] / [N, H*W*A, 4] (list in ``anchors`` order).
+    Per level: top ``pre_nms_top_n`` by objectness, decode, clip, drop boxes smaller than
+    ``min_size``, NMS; then the image's top ``post_nms_top_n`` over all levels (per image, not
+    per batch). Scores are sigmoid probabilities; ranking uses the logits, which orders the same
+    but does not saturate. No gradient flows into proposals (approximate joint training).
+    """
+    logits, top_deltas, top_anchors, level_ids = _top_k_per_level(objectness, deltas, anchors, pre_nms_top_n)
+    logits, top_deltas = logits.detach(), top_deltas.detach()
+    n = logits.shape[0]
+    boxes = decode(top_deltas.reshape(-1, 4), top_anchors.reshape(-1, 4)).view(n, -1, 4)
+    return [
+        _proposals_for_image(boxes[i], logits[i], level_ids, image_hws[i], post_nms_top_n, nms_thresh, min_size)
+        for i in range(n)
+    ]
+
+
+# -------------------------------------------------------------------------------- module
+
+
+def _split_targets(targets: Sequence[dict]) -> tuple[list[Tensor], list[Tensor | None] | None]:
+    """Ground-truth boxes and crowd boxes per image; crowd regions are ignored, not matched."""
+    gts, crowds = [], []
+    for t in targets:
+        boxes = t["boxes"]
+        crowd = t.get("iscrowd")
+        if crowd is None:
+            gts.append(boxes)
+            crowds.append(None)
+        else:
+            crowd = crowd.to(torch.bool)
+            gts.append(boxes[~crowd])
+            crowds.append(boxes[crowd] if bool(crowd.any()) else None)
+    return gts, (crowds if any(c is not None for c in crowds) else None)
+
+
+class RPN(nn.Module):
+    """Head + anchors + proposal selection (+ losses in training) on a set of feature maps.
+
+    ``generator`` (optional) seeds anchor sampling so that runs are reproducible without
+    touching torch's global RNG; it must live on the features' device.
+    """
+
+    def __init__(
+        self,
+        head: RPNHead,
+        anchor_generator: nn.Module,
+        cfg: RPNConfig,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        self.head = head
+        self.anchor_generator = anchor_generator
+        self.cfg = cfg
+        self.generator = generator
+
+    def anchors(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """level -> [H*W*A, 4] anchors for the maps the head sees, in padded-image coordinates."""
+        anchors = self.anchor_generator({lvl: features[lvl] for lvl in self.head.levels})
+        return {lvl: anchors[lvl] for lvl in self.head.levels}  # the head's order, for flattening
+
+    def forward(
+        self,
+        features: Mapping[str, Tensor],
+        image_hws: Sequence[tuple[int, int]],
+        targets: Sequence[dict] | None = None,
+        return_proposals: bool = True,
+    ) -> tuple[list[tuple[Tensor, Tensor]], dict[str, Tensor]]:
+        """Proposals per image (boxes, scores) and, in training, the losses.
+
+        ``targets``: per image a dict with "boxes" [G, 4] (x1, y1, x2, y2) and optionally
+        "iscrowd" [G]; crowd boxes are not ground truth, anchors overlapping them are ignored.
+        ``return_proposals=False`` skips proposal selection (an empty list is returned): an
+        RPN trained alone never uses its training-time proposals, and NMS is costly on CPU.
+        """
+        feats = {lvl: features[lvl] for lvl in self.head.levels}
+        logits, deltas = self.head(feats)
+        anchors = self.anchors(feats)
+        cfg = self.cfg
+        pre_n = cfg.pre_nms_top_n_train if self.training else cfg.pre_nms_top_n_test
+        post_n = cfg.post_nms_top_n_train if self.training else cfg.post_nms_top_n_test
+        proposals = []
+        if return_proposals:
+            proposals = select_proposals(logits, deltas, anchors, image_hws, pre_n, post_n, cfg.nms_thresh, cfg.min_size)
+
+        losses: dict[str, Tensor] = {}
+        if self.training:
+            if targets is None:
+                raise ValueError("RPN in training mode needs targets")
+            gts, crowds = _split_targets(targets)
+            flat_logits, flat_deltas = flatten_head_outputs(logits, deltas)
+            all_anchors = torch.cat(list(anchors.values()))
+            losses = rpn_losses(
+                flat_logits, flat_deltas, all_anchors, gts, image_hws, cfg, generator=self.generator, ignore_boxes=crowds
+            )
+        return proposals, losses

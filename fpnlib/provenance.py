@@ -1,0 +1,79 @@
+"""Where a number came from: every file in ``results/`` carries this record.
+
+A figure without its preset, seed, commit, hardware, time and library versions cannot be
+checked or compared, so nothing is written to ``results/`` without it.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_commit(root: Path = REPO_ROOT) -> str:
+    """The commit of the working tree, with ``+dirty`` when it has uncommitted changes."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def hardware() -> dict:
+    """CPU model, core count and GPU (if any) of this machine."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def versions() -> dict:
+    """Versions of the libraries that shape the numbers."""
+    import numpy
+    import pycocotools
+    import torch
+    import torchvision
+
+    import fpnlib
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+        "pycocotools": getattr(pycocotools, "__version__", "unknown"),
+        "fpnlib": fpnlib.__version__,
+    }
+
+
+def provenance(preset: str, seed: int, wall_time_s: float | None = None, **extra) -> dict:
+    """The record stored beside every result: preset, seed, commit, hardware, time, versions."""
+    record = {
+        "preset": preset,
+        "seed": seed,
+        "commit": git_commit(),
+        "hardware": hardware(),
+        "versions": versions(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if wall_time_s is not None:
+        record["wall_time_s"] = round(float(wall_time_s), 2)
+    record.update(extra)
+    return record

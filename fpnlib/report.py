@@ -1,0 +1,66 @@
+"""README blocks rendered from ``results/``: the numbers a reader sees in README are read from
+the recorded runs, never typed by hand.
+
+README marks each generated block with ``<!-- fpnlib:NAME -->`` … ``<!-- /fpnlib:NAME -->``;
+``python -m fpnlib report`` rewrites them from the JSON files, and a test fails when README
+and ``results/`` disagree.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from fpnlib.provenance import REPO_ROOT
+
+RESULTS_DIR = REPO_ROOT / "results"
+README = REPO_ROOT / "README.md"
+
+
+def _provenance_line(prov: dict) -> str:
+    hw, ver = prov["hardware"], prov["versions"]
+    where = hw.get("gpu") or f"{hw['cpu']} ({hw['cpu_count']} cores)"
+    return (f"preset `{prov['preset']}`, seed {prov['seed']}, commit `{prov['commit'][:12]}`, {where}, "
+            f"torch {ver['torch']}, {prov['date']}")
+
+
+def render_data_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> str:
+    """The embedded set of ``preset``: size shares against COCO's small/medium/large limits."""
+    path = Path(results_dir) / preset / "data.json"
+    if not path.exists():
+        return f"_No recorded data statistics yet: run `make reproduce` (writes `{path.relative_to(REPO_ROOT)}`)._"
+    rec = json.loads(path.read_text())
+    rows = ["| split | images | objects | small | medium | large | object side (px) | empty images | grayscale | crowd regions |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for split in ("train", "val"):
+        s = rec[split]
+        rows.append(f"| {split} | {s['num_images']} | {s['num_objects']} | {100 * s['share_small']:.1f}% | "
+                    f"{100 * s['share_medium']:.1f}% | {100 * s['share_large']:.1f}% | "
+                    f"{s['sqrt_area_min']:.0f}–{s['sqrt_area_max']:.0f} ({s['octaves']:.1f} octaves) | "
+                    f"{s['num_empty_images']} | {s.get('num_grayscale_images', '?')} | {s['num_crowd_regions']} |")
+    rows.append("")
+    rows.append(f"From `results/{preset}/data.json` ({_provenance_line(rec['provenance'])}).")
+    return "\n".join(rows)
+
+
+BLOCKS = {"data": render_data_block}
+
+
+def render_readme(text: str, results_dir: Path = RESULTS_DIR) -> str:
+    """``text`` with every ``fpnlib:NAME`` block replaced by its rendering from ``results_dir``."""
+    for name, render in BLOCKS.items():
+        pattern = re.compile(rf"(<!-- fpnlib:{name} -->\n)(?:.*?\n)?(<!-- /fpnlib:{name} -->)", re.S)
+        if not pattern.search(text):
+            raise ValueError(f"README has no block <!-- fpnlib:{name} --> … <!-- /fpnlib:{name} -->")
+        body = render(results_dir)
+        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+    return text
+
+
+def update_readme(readme: Path = README, results_dir: Path = RESULTS_DIR) -> bool:
+    """Rewrite README's generated blocks; returns whether anything changed."""
+    old = Path(readme).read_text()
+    new = render_readme(old, results_dir)
+    if new != old:
+        Path(readme).write_text(new)
+    return new != old

@@ -1,0 +1,73 @@
+"""The instructors' path: everything of one preset, unattended.
+
+``python -m fpnlib reproduce --preset cpu`` (``make reproduce``) generates the embedded data
+set, records its statistics, then executes the lesson notebooks in order with papermill,
+in place, so the committed notebooks, ``figures/`` and ``results/<preset>/`` all come from
+one recorded run.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from fpnlib.data.prepare import ensure_dataset
+from fpnlib.data.stats import dataset_statistics
+from fpnlib.provenance import REPO_ROOT, provenance
+from fpnlib.report import RESULTS_DIR, update_readme
+
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+
+
+def lesson_notebooks(notebooks_dir: Path = NOTEBOOKS_DIR) -> list[Path]:
+    """The numbered lesson notebooks, in order (``00_data.ipynb``, ``01_…``)."""
+    return sorted(p for p in Path(notebooks_dir).glob("[0-9][0-9]_*.ipynb"))
+
+
+def write_data_statistics(preset: str, root: Path, results_dir: Path, seed: int,
+                          wall_time_s: float | None = None) -> Path:
+    """``results/<preset>/data.json``: the generated set's statistics with provenance."""
+    out = Path(results_dir) / preset / "data.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {split: dataset_statistics(root / "annotations" / f"instances_{split}.json", root / split)
+              for split in ("train", "val")}
+    for split in record:  # paths relative to the data root: the same on every machine
+        record[split]["annotation_file"] = f"annotations/instances_{split}.json"
+    record["provenance"] = provenance(preset, seed, wall_time_s, step="data generation")
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    return out
+
+
+def execute_notebook(path: Path, parameters: dict, out_path: Path | None = None,
+                     cell_timeout: int | None = 1800) -> Path:
+    """Run one notebook with papermill (kernel: this interpreter's ``python3``); a cell that
+    runs past ``cell_timeout`` seconds fails the run instead of hanging it."""
+    import papermill as pm
+
+    out_path = Path(out_path or path)
+    pm.execute_notebook(str(path), str(out_path), parameters=parameters, kernel_name="python3",
+                        cwd=str(Path(path).parent), progress_bar=False,
+                        execution_timeout=cell_timeout)
+    return out_path
+
+
+def reproduce(preset: str = "cpu", workers: int = 2, results_dir: Path = RESULTS_DIR,
+              notebooks: list[Path] | None = None) -> dict:
+    """Data, statistics, then every lesson notebook under ``preset``; returns wall times."""
+    from tqdm.auto import tqdm
+
+    times = {}
+    t0 = time.perf_counter()
+    root = ensure_dataset(preset, workers=workers)
+    times["data"] = time.perf_counter() - t0
+    write_data_statistics(preset, root, results_dir, seed=0, wall_time_s=times["data"])
+    for nb in tqdm(notebooks or lesson_notebooks(), desc=f"notebooks ({preset})", unit="nb"):
+        t = time.perf_counter()
+        execute_notebook(nb, {"preset": preset})
+        times[nb.name] = time.perf_counter() - t
+    out = Path(results_dir) / preset / "reproduce_times.json"
+    out.write_text(json.dumps({"seconds": {k: round(v, 1) for k, v in times.items()},
+                               "provenance": provenance(preset, 0, sum(times.values()))}, indent=1) + "\n")
+    if Path(results_dir).resolve() == RESULTS_DIR.resolve():
+        update_readme()  # README's numbers follow the recorded run
+    return times

@@ -1,0 +1,125 @@
+"""Pictures for the notebooks: pure plotting functions that return a matplotlib Figure.
+
+The notebooks' widgets are thin wrappers over these functions; run unattended, the same
+functions write PNGs to ``figures/``. Figures are built with ``matplotlib.figure.Figure``
+(no pyplot state), so they work the same inline, in a widget and in a headless test.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from fpnlib.data.stats import MEDIUM_MAX_AREA, SMALL_MAX_AREA, scale_bucket
+
+BUCKET_COLOURS = {"small": "#d62728", "medium": "#ff7f0e", "large": "#1f77b4"}
+
+
+def to_numpy_image(image) -> np.ndarray:
+    """HxWx3 float image in [0, 1] from a CHW tensor, an HWC array or a PIL image."""
+    if hasattr(image, "detach"):
+        image = image.detach().cpu().float().numpy().transpose(1, 2, 0)
+    image = np.asarray(image, dtype=np.float32)
+    if image.max() > 1.5:
+        image = image / 255.0
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    return np.clip(image, 0.0, 1.0)
+
+
+def draw_annotations(ax, image, target: Mapping, label_names: Mapping[int, str] | None = None,
+                     show_masks: bool = True) -> None:
+    """Draw an image with its boxes (coloured by COCO size bucket) and instance masks."""
+    img = to_numpy_image(image)
+    ax.imshow(img)
+    boxes = np.asarray(target["boxes"], dtype=np.float64).reshape(-1, 4)
+    labels = np.asarray(target.get("labels", np.zeros(len(boxes))), dtype=np.int64)
+    crowd = np.asarray(target.get("iscrowd", np.zeros(len(boxes))), dtype=bool)
+    areas = np.asarray(target.get("area", (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])))
+    if show_masks and "masks" in target and len(boxes):
+        masks = np.asarray(target["masks"], dtype=bool)
+        overlay = np.zeros((*masks.shape[1:], 4), dtype=np.float32)
+        rng = np.random.default_rng(0)  # fixed colours: the same picture every run
+        for m in masks:
+            overlay[m] = (*rng.uniform(0.2, 1.0, 3), 0.45)
+        ax.imshow(overlay)
+    for (x1, y1, x2, y2), lab, c, a in zip(boxes, labels, crowd, areas):
+        colour = "white" if c else BUCKET_COLOURS[scale_bucket(a)]
+        ax.add_patch(_rect(x1, y1, x2, y2, colour, dashed=bool(c)))
+        name = (label_names or {}).get(int(lab), str(int(lab)))
+        ax.text(x1, y1, name + (" (crowd)" if c else ""), fontsize=6, color="black",
+                bbox=dict(facecolor=colour, alpha=0.7, pad=0.5, lw=0))
+    ax.set_axis_off()
+
+
+def _rect(x1, y1, x2, y2, colour, dashed=False):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, lw=1.2,
+                     linestyle="--" if dashed else "-")
+
+
+def plot_samples(samples: Sequence[tuple], label_names: Mapping[int, str] | None = None,
+                 ncols: int = 3, size: float = 3.2) -> Figure:
+    """A grid of (image, target) pairs with boxes and masks; box colour = COCO size bucket."""
+    n = len(samples)
+    nrows = max(1, -(-n // ncols))
+    fig = Figure(figsize=(size * ncols, size * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, (image, target) in zip(axes, samples):
+        draw_annotations(ax, image, target, label_names)
+        ax.set_title(f"image {int(target['image_id'])}: {len(target['boxes'])} objects", fontsize=8)
+    for ax in axes[n:]:
+        ax.set_axis_off()
+    fig.legend(handles=[_legend_patch(c, b) for b, c in BUCKET_COLOURS.items()],
+               loc="outside lower center", ncols=3, fontsize=8)
+    return fig
+
+
+def _legend_patch(colour, label):
+    from matplotlib.patches import Patch
+
+    return Patch(facecolor="none", edgecolor=colour, label=f"{label} (COCO)")
+
+
+def plot_size_histogram(areas: np.ndarray, title: str = "object sizes", bins: int = 40) -> Figure:
+    """Histogram of sqrt(area) on a log axis, with COCO's small/medium/large limits (32, 96)."""
+    side = np.sqrt(np.asarray(areas, dtype=np.float64))
+    fig = Figure(figsize=(6.4, 3.2), layout="constrained")
+    ax = fig.subplots()
+    if len(side):
+        edges = np.geomspace(max(side.min(), 1.0), side.max() * 1.01, bins + 1)
+        ax.hist(side, bins=edges, color="#888888")
+        ax.set_xscale("log", base=2)
+    n = max(len(side), 1)
+    for limit, name in ((np.sqrt(SMALL_MAX_AREA), "32"), (np.sqrt(MEDIUM_MAX_AREA), "96")):
+        ax.axvline(limit, color="black", ls="--", lw=1)
+        ax.text(limit, ax.get_ylim()[1] * 0.95, f" {name}", fontsize=8, va="top")
+    shares = {b: np.mean([scale_bucket(a) == b for a in areas]) if len(areas) else 0.0
+              for b in BUCKET_COLOURS}
+    ax.set_title(f"{title}: {n} objects — small {shares['small']:.0%}, "
+                 f"medium {shares['medium']:.0%}, large {shares['large']:.0%}", fontsize=9)
+    ax.set_xlabel("sqrt(mask area) [px], log scale")
+    ax.set_ylabel("objects")
+    return fig
+
+
+def plot_category_counts(counts: Mapping[str, int], title: str = "objects per category") -> Figure:
+    """Bar chart of objects per category."""
+    fig = Figure(figsize=(6.4, 2.8), layout="constrained")
+    ax = fig.subplots()
+    names = list(counts)
+    ax.bar(names, [counts[k] for k in names], color="#4c72b0")
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(axis="x", labelsize=8, rotation=30)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 90) -> Path:
+    """Write a small PNG (dpi kept low so committed figures stay light)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path

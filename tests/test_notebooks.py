@@ -1,0 +1,42 @@
+"""Every lesson notebook runs under the smoke preset (papermill) and writes what it promises.
+
+Assertions are on the files a notebook wrote (figures, results), never on cell text.
+"""
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from fpnlib.reproduce import execute_notebook, lesson_notebooks
+
+# What each notebook must write into figures_dir.
+EXPECTED_FIGURES = {
+    "00_data.ipynb": ["00_samples.png", "00_sizes.png", "00_categories.png"],
+}
+NOTEBOOKS = lesson_notebooks()
+
+
+def png_size(path):
+    """(width, height) from a PNG header; fails on anything that is not a PNG."""
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", head[16:24])
+
+
+def test_every_notebook_has_expectations():
+    assert NOTEBOOKS, "no lesson notebooks found"
+    assert {nb.name for nb in NOTEBOOKS} == set(EXPECTED_FIGURES)
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_under_smoke(notebook, tmp_path, smoke_root):
+    figures = tmp_path / "figures"
+    execute_notebook(notebook, {"preset": "smoke", "data_root": str(smoke_root),
+                                "figures_dir": str(figures)}, out_path=tmp_path / notebook.name,
+                     cell_timeout=300)
+    for name in EXPECTED_FIGURES[notebook.name]:
+        w, h = png_size(figures / name)
+        assert w >= 300 and h >= 150, f"{name}: {w}x{h} is too small to be a figure"
+        assert (figures / name).stat().st_size < 1_000_000, f"{name} is over 1 MB"
