@@ -151,7 +151,7 @@ def _sample_image(
     generator: torch.Generator | None,
     ignore_boxes: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Label one image's anchors (IoU >= 0.7 positive, < 0.3 negative) and sample a mini-batch.
+    """Label one image's anchors (IoU > 0.7 or best-for-an-object positive, < 0.3 negative) and sample a mini-batch.
 
     Returns (positive indices, negative indices, index of the matched gt of every anchor).
     """
