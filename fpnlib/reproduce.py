@@ -11,7 +11,8 @@ import json
 import time
 from pathlib import Path
 
-from fpnlib.data.prepare import ensure_dataset
+from fpnlib.config import get_preset
+from fpnlib.data.prepare import ensure_dataset, generation_time
 from fpnlib.data.stats import dataset_statistics
 from fpnlib.provenance import REPO_ROOT, provenance
 from fpnlib.report import RESULTS_DIR, update_readme
@@ -60,7 +61,9 @@ def reproduce(preset: str = "cpu", workers: int = 2, results_dir: Path = RESULTS
     t0 = time.perf_counter()
     root = ensure_dataset(preset, workers=workers)
     times["data"] = time.perf_counter() - t0
-    write_data_statistics(preset, root, results_dir, seed=0, wall_time_s=times["data"])
+    # the generation's own time (the set may have been made by an earlier run and reused)
+    write_data_statistics(preset, root, results_dir, seed=get_preset(preset).data.seed if get_preset(preset).data else 0,
+                          wall_time_s=generation_time(root))
     for nb in tqdm(notebooks or lesson_notebooks(), desc=f"notebooks ({preset})", unit="nb"):
         t = time.perf_counter()
         execute_notebook(nb, {"preset": preset})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from fpnlib.config import get_preset
 from fpnlib.provenance import REPO_ROOT
 
 STAMP = "dataset_config.json"
+GENERATION = "generation.json"  # how long generating the set took, for the provenance record
 
 
 def default_root(preset: str) -> Path:
@@ -39,7 +41,16 @@ def ensure_dataset(preset: str, root: str | Path | None = None, workers: int = 0
         except json.JSONDecodeError:
             pass  # a broken stamp means an interrupted generation: make it again
     stamp.unlink(missing_ok=True)
+    t0 = time.perf_counter()
     generate(root, p.data, progress=progress, workers=workers)
+    (root / GENERATION).write_text(json.dumps({"wall_time_s": round(time.perf_counter() - t0, 2),
+                                               "workers": workers}) + "\n")
     # written last, so an interrupted generation is redone next time
     stamp.write_text(json.dumps(wanted, indent=1))
     return root
+
+
+def generation_time(root: str | Path) -> float | None:
+    """Seconds the set in ``root`` took to generate (``None`` if not recorded)."""
+    path = Path(root) / GENERATION
+    return json.loads(path.read_text())["wall_time_s"] if path.exists() else None

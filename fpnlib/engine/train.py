@@ -1,0 +1,273 @@
+"""The training loop every model of the paper shares (Sec. 5.1: synchronized SGD, momentum 0.9,
+weight decay 1e-4, a step-decayed learning rate).
+
+What it promises:
+  * **Deterministic by seed.** All randomness of an iteration (which images, their flips, the
+    RPN's anchor sampling) is drawn from seeds derived from ``(seed, iteration)``, not from a
+    stream that carries over. So the same command gives the same numbers, and a run resumed
+    from a checkpoint continues exactly as if it had never stopped.
+  * **Nothing lost.** A checkpoint every ``checkpoint_every`` iterations and on Ctrl-C;
+    ``resume=True`` continues from the last one (and returns at once if the run is complete,
+    which is how notebooks "train or load"). A NaN/inf loss stops the run with
+    :class:`TrainingDiverged` before the bad step is taken; the last good checkpoint stays.
+  * **Visible.** A tqdm bar with the loss and speed, and ``log.jsonl`` with every logged
+    iteration's losses, learning rate and timing.
+
+Models follow torchvision's convention: ``model(images, targets)`` returns a dict of losses
+in train mode.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from fpnlib.data.transforms import collate_fn
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite; the message names the iteration and the last good checkpoint."""
+
+
+@dataclass
+class Schedule:
+    """SGD schedule. ``lr`` is for ``batch_size`` images (the paper: 0.02 for 16 images)."""
+
+    iterations: int
+    batch_size: int = 4
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 100
+    warmup_factor: float = 1.0 / 3.0  # lr starts at lr * warmup_factor and rises linearly
+    steps: tuple[int, ...] = ()  # iterations at which lr is multiplied by gamma
+    gamma: float = 0.1
+    checkpoint_every: int = 500
+    log_every: int = 10
+
+
+def learning_rate(it: int, s: Schedule) -> float:
+    """Linear warm-up (Goyal et al. 2017, used by Detectron's FPN) then step decay."""
+    lr = s.lr * s.gamma ** sum(it >= step for step in s.steps)
+    if it < s.warmup_iters:
+        alpha = it / s.warmup_iters
+        lr *= s.warmup_factor * (1 - alpha) + alpha
+    return lr
+
+
+def derive_seed(*keys: int) -> int:
+    """A well-mixed 63-bit seed from integer keys (numpy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class IterationBatchSampler(Sampler):
+    """Batches of ``(index, sample_seed)`` for iterations ``start .. iterations - 1``.
+
+    Images are visited epoch by epoch in a permutation seeded by ``(seed, epoch)``; iteration
+    ``it`` takes positions ``it * batch_size …`` of that endless sequence. Each sample also
+    carries a seed for its own augmentation, so the batch of iteration ``it`` does not depend
+    on where the run started or on the number of loader workers.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, iterations: int, seed: int, start: int = 0):
+        if num_samples < 1:
+            raise ValueError("cannot train on an empty data set")
+        self.n, self.batch_size, self.iterations, self.seed, self.start = num_samples, batch_size, iterations, seed, start
+        self._perm_epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, 0, epoch))
+            self._perm_epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return self._perm
+
+    def batch(self, it: int) -> list[tuple[int, int]]:
+        out = []
+        for j in range(self.batch_size):
+            pos = it * self.batch_size + j
+            index = int(self._permutation(pos // self.n)[pos % self.n])
+            out.append((index, derive_seed(self.seed, 1, it, j)))
+        return out
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for it in range(self.start, self.iterations):
+            yield self.batch(it)
+
+    def __len__(self) -> int:
+        return max(self.iterations - self.start, 0)
+
+
+class SeededSamples(Dataset):
+    """``dataset[(index, seed)]`` = ``dataset[index]`` with torch's RNG seeded first, so random
+    transforms (the flip) are a function of the sample's seed, in any worker process."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        torch.manual_seed(seed)
+        return self.dataset[index]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def build_optimizer(model: nn.Module, s: Schedule) -> torch.optim.SGD:
+    """SGD with momentum and weight decay on the trainable parameters (Sec. 5.1)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+
+
+def _save(path: Path, payload: dict) -> None:
+    """Write atomically: a crash while saving leaves the previous checkpoint intact."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _to(device: torch.device, images, targets):
+    images = [im.to(device, non_blocking=True) for im in images]
+    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+               for t in targets]
+    return images, targets
+
+
+def _trim_log(log_path: Path, last_iteration: int) -> None:
+    """After a resume, drop log lines of iterations the checkpoint does not contain."""
+    if not log_path.exists():
+        return
+    keep = [line for line in log_path.read_text().splitlines()
+            if line.strip() and json.loads(line)["iteration"] <= last_iteration]
+    log_path.write_text("".join(line + "\n" for line in keep))
+
+
+def train(
+    model: nn.Module,
+    dataset: Dataset,
+    schedule: Schedule,
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    resume: bool = True,
+    workers: int = 0,
+    progress: bool = True,
+    amp: bool = True,
+    on_iteration: Callable[[int, dict], None] | None = None,
+    description: str = "train",
+) -> dict:
+    """Train ``model`` on ``dataset`` for ``schedule.iterations`` iterations.
+
+    Writes ``out_dir/last.pt`` (model, optimizer, iteration, schedule, seed) and
+    ``out_dir/log.jsonl``. With ``resume`` (default) an existing ``last.pt`` is continued.
+    ``amp`` enables bf16 autocast on CUDA (ignored on CPU, where runs stay bit-reproducible).
+    ``on_iteration(it, losses)`` is called after each completed step.
+
+    Returns ``{"iterations", "resumed_from", "wall_time_s", "last_losses", "checkpoint"}``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, log_path = out_dir / "last.pt", out_dir / "log.jsonl"
+    device = torch.device(device)
+    model.to(device)
+    optimizer = build_optimizer(model, schedule)
+
+    start = 0
+    if resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if state["seed"] != seed or state["schedule"] != asdict(schedule):
+            raise ValueError(f"{ckpt_path}: checkpoint was made with another seed or schedule "
+                             f"({state['seed']}, {state['schedule']}); use another out_dir or resume=False")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["iteration"]
+        _trim_log(log_path, start)
+    elif log_path.exists():
+        log_path.unlink()
+
+    def checkpoint(iteration: int) -> None:
+        _save(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "iteration": iteration, "schedule": asdict(schedule), "seed": seed})
+
+    sampler = IterationBatchSampler(len(dataset), schedule.batch_size, schedule.iterations, seed, start)
+    loader = DataLoader(SeededSamples(dataset), batch_sampler=sampler, collate_fn=collate_fn,
+                        num_workers=workers, pin_memory=device.type == "cuda",
+                        persistent_workers=False)
+    autocast = device.type == "cuda" and amp
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=schedule.iterations, initial=start, desc=description, disable=not progress,
+               unit="it", dynamic_ncols=True)
+    model.train()
+    completed, losses_out, t_start = start, {}, time.perf_counter()
+    t_last = time.perf_counter()
+    try:
+        with open(log_path, "a") as log:
+            for it, (images, targets) in zip(range(start, schedule.iterations), loader):
+                t_data = time.perf_counter() - t_last
+                images, targets = _to(device, images, targets)
+                lr = learning_rate(it, schedule)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                torch.manual_seed(derive_seed(seed, 2, it))  # the model's own sampling
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                    losses = model(images, targets)
+                total = sum(losses.values())
+                if not torch.isfinite(total):
+                    bad = {k: float(v) for k, v in losses.items()}
+                    raise TrainingDiverged(
+                        f"loss became non-finite at iteration {it} ({bad}); the step was not taken. "
+                        f"Last good checkpoint: {ckpt_path if ckpt_path.exists() else 'none yet'} "
+                        f"(iteration {completed if ckpt_path.exists() else '-'}). Lower the learning rate "
+                        f"or lengthen the warm-up, then resume.")
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                completed = it + 1
+                loss_value = float(total.detach())
+                losses_out = {k: float(v.detach()) for k, v in losses.items()}
+                now = time.perf_counter()
+                if completed % schedule.log_every == 0 or completed == schedule.iterations:
+                    log.write(json.dumps({"iteration": completed, "lr": lr, "loss": loss_value, **losses_out,
+                                          "time_per_iter_s": round(now - t_last, 4),
+                                          "data_time_s": round(t_data, 4)}) + "\n")
+                    log.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.4f}")
+                if completed % schedule.checkpoint_every == 0:
+                    checkpoint(completed)
+                if on_iteration is not None:
+                    on_iteration(it, losses_out)
+                t_last = time.perf_counter()
+    except KeyboardInterrupt:
+        checkpoint(completed)  # the state after the last completed step
+        bar.close()
+        raise
+    bar.close()
+    if completed != start or not ckpt_path.exists():
+        checkpoint(completed)
+    return {"iterations": completed, "resumed_from": start, "wall_time_s": time.perf_counter() - t_start,
+            "last_losses": losses_out, "checkpoint": str(ckpt_path)}
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu") -> dict:
+    """Load a ``train`` checkpoint's weights into ``model``; returns the checkpoint's metadata."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"{path}: not a readable fpnlib checkpoint ({e})") from e
+    model.load_state_dict(state["model"])
+    return {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+

@@ -1,0 +1,136 @@
+"""The trainer: schedule, seeded batches, exact resume, NaN guard, checkpoints."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from fpnlib.data.coco import load_coco_split
+from fpnlib.data.transforms import build_transforms
+from fpnlib.engine.train import (IterationBatchSampler, Schedule, TrainingDiverged, learning_rate,
+                                 load_checkpoint, train)
+from fpnlib.modeling.detectors import build_rpn_detector
+
+
+class _Toy(nn.Module):
+    """A linear regressor in the detection convention; returns NaN from ``nan_at`` calls on."""
+
+    def __init__(self, nan_at: int | None = None):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(3))
+        self.calls, self.nan_at = 0, nan_at
+
+    def forward(self, images, targets):
+        x = torch.stack([im.flatten()[:3] for im in images])
+        y = torch.stack([t["y"] for t in targets])
+        loss = ((x * self.w).sum(1) - y).pow(2).mean()
+        self.calls += 1
+        if self.nan_at is not None and self.calls > self.nan_at:
+            loss = loss * float("nan")
+        return {"loss": loss}
+
+
+def _toy_data(n=10):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(3, 2, 2, generator=g), {"y": torch.randn((), generator=g)}) for _ in range(n)]
+
+
+def test_learning_rate_warmup_and_steps():
+    s = Schedule(iterations=100, lr=0.02, warmup_iters=10, warmup_factor=0.25, steps=(50, 80), gamma=0.1)
+    assert learning_rate(0, s) == pytest.approx(0.005)
+    assert learning_rate(5, s) == pytest.approx(0.02 * (0.25 * 0.5 + 0.5))
+    assert learning_rate(10, s) == pytest.approx(0.02)
+    assert learning_rate(49, s) == pytest.approx(0.02)
+    assert learning_rate(50, s) == pytest.approx(0.002)
+    assert learning_rate(80, s) == pytest.approx(0.0002)
+
+
+def test_batches_depend_only_on_iteration():
+    full = list(IterationBatchSampler(7, 3, iterations=10, seed=5))
+    resumed = list(IterationBatchSampler(7, 3, iterations=10, seed=5, start=4))
+    assert resumed == full[4:]
+    # every image is seen once per epoch: the first 7 positions are a permutation
+    first_epoch = [i for batch in full for i, _ in batch][:7]
+    assert sorted(first_epoch) == list(range(7))
+    assert list(IterationBatchSampler(7, 3, iterations=10, seed=6)) != full
+
+
+def test_same_seed_same_weights_and_resume_is_exact(smoke_root, tmp_path):
+    """An interrupted-and-resumed run ends bit-identical to an uninterrupted one (CPU)."""
+    ds = load_coco_split(smoke_root, "train", transforms=build_transforms(True, 96, 128), with_masks=False)
+    sched = Schedule(iterations=6, batch_size=2, lr=0.01, warmup_iters=2, checkpoint_every=100, log_every=1)
+
+    def model():
+        torch.manual_seed(0)
+        return build_rpn_detector("fpn", depth=18, width=8, norm="gn", freeze_at=0, fpn_channels=16,
+                                  anchor_scale=0.25)
+
+    a = model()
+    train(a, ds, sched, tmp_path / "a", seed=3, progress=False)
+
+    b = model()
+
+    def interrupt(it, losses):
+        if it == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(b, ds, sched, tmp_path / "b", seed=3, progress=False, on_iteration=interrupt)
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=False)["iteration"] == 3
+    b = model()  # a fresh process would start from fresh weights too
+    info = train(b, ds, sched, tmp_path / "b", seed=3, progress=False)
+    assert info["resumed_from"] == 3 and info["iterations"] == 6
+
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    log_a = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in log_b] == list(range(1, 7))
+    assert [x["loss"] for x in log_a] == [x["loss"] for x in log_b]
+
+    # a third run with the same seed gives the same weights again; another seed does not
+    c = model()
+    train(c, ds, sched, tmp_path / "c", seed=3, progress=False)
+    assert all(torch.equal(sa[k], c.state_dict()[k]) for k in sa)
+    d = model()
+    train(d, ds, sched, tmp_path / "d", seed=4, progress=False)
+    assert not all(torch.equal(sa[k], d.state_dict()[k]) for k in sa)
+
+
+def test_completed_run_is_loaded_not_retrained(tmp_path):
+    sched = Schedule(iterations=4, batch_size=2, warmup_iters=0)
+    m = _Toy()
+    train(m, _toy_data(), sched, tmp_path, progress=False)
+    w = m.w.detach().clone()
+    m2 = _Toy()
+    info = train(m2, _toy_data(), sched, tmp_path, progress=False)
+    assert info["resumed_from"] == 4 and m2.calls == 0
+    assert torch.equal(m2.w.detach(), w)
+
+
+def test_resume_with_another_schedule_is_refused(tmp_path):
+    train(_Toy(), _toy_data(), Schedule(iterations=2, batch_size=2), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="another seed or schedule"):
+        train(_Toy(), _toy_data(), Schedule(iterations=3, batch_size=2), tmp_path, progress=False)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    sched = Schedule(iterations=10, batch_size=2, lr=0.01, warmup_iters=0, checkpoint_every=2)
+    m = _Toy(nan_at=5)
+    with pytest.raises(TrainingDiverged, match="iteration 5") as err:
+        train(m, _toy_data(), sched, tmp_path, progress=False)
+    assert "last.pt" in str(err.value)
+    assert torch.isfinite(m.w).all()  # the bad step was not taken
+    meta = load_checkpoint(_Toy(), tmp_path / "last.pt")
+    assert meta["iteration"] == 4
+
+
+def test_load_checkpoint_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_checkpoint(_Toy(), tmp_path / "nope.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.pt"):
+        load_checkpoint(_Toy(), bad)
