@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from fpnlib.config import PRESETS
 
@@ -37,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--workers", type=int, default=2)
 
+    p = verbs.add_parser("table", help="regenerate one of the paper's tables beside the paper's numbers")
+    p.add_argument("number", type=int, choices=[1], help="table number (more tables as their models land)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--out", default=None, help="results folder (default: results/<preset>)")
+    p.add_argument("--runs", default=None, help="checkpoints folder (default: runs/<preset>/table<N>)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+
     verbs.add_parser("report", help="rewrite README's result blocks from results/")
     return parser
 
@@ -64,6 +73,17 @@ def main(argv: list[str] | None = None) -> int:
 
         times = reproduce(args.preset, workers=args.workers)
         print(json.dumps({k: round(v, 1) for k, v in times.items()}, indent=1))
+    elif args.verb == "table":
+        from fpnlib.data.prepare import ensure_dataset
+        from fpnlib.experiments.table1 import run_table1
+        from fpnlib.provenance import REPO_ROOT
+        from fpnlib.report import RESULTS_DIR
+
+        out = args.out or RESULTS_DIR / args.preset
+        runs = args.runs or REPO_ROOT / "runs" / args.preset / f"table{args.number}"
+        root = ensure_dataset(args.preset)
+        run_table1(args.preset, root, runs, out, seed=args.seed, device=args.device)
+        print((Path(out) / f"table{args.number}.md").read_text())
     elif args.verb == "report":
         from fpnlib.report import README, update_readme
 

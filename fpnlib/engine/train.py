@@ -171,7 +171,8 @@ def train(
     ``amp`` enables bf16 autocast on CUDA (ignored on CPU, where runs stay bit-reproducible).
     ``on_iteration(it, losses)`` is called after each completed step.
 
-    Returns ``{"iterations", "resumed_from", "wall_time_s", "last_losses", "checkpoint"}``.
+    Returns ``{"iterations", "resumed_from", "wall_time_s"`` (this call), ``"train_time_s"`` (all
+    sessions of the run, as recorded in the checkpoint), ``"last_losses", "checkpoint"}``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -180,7 +181,7 @@ def train(
     model.to(device)
     optimizer = build_optimizer(model, schedule)
 
-    start = 0
+    start, earlier_time = 0, 0.0  # earlier_time: training seconds of the sessions before this one
     if resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
         if state["seed"] != seed or state["schedule"] != asdict(schedule):
@@ -188,14 +189,15 @@ def train(
                              f"({state['seed']}, {state['schedule']}); use another out_dir or resume=False")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start = state["iteration"]
+        start, earlier_time = state["iteration"], state.get("train_time_s", 0.0)
         _trim_log(log_path, start)
     elif log_path.exists():
         log_path.unlink()
 
     def checkpoint(iteration: int) -> None:
         _save(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "iteration": iteration, "schedule": asdict(schedule), "seed": seed})
+                          "iteration": iteration, "schedule": asdict(schedule), "seed": seed,
+                          "train_time_s": earlier_time + time.perf_counter() - t_start})
 
     sampler = IterationBatchSampler(len(dataset), schedule.batch_size, schedule.iterations, seed, start)
     loader = DataLoader(SeededSamples(dataset), batch_sampler=sampler, collate_fn=collate_fn,
@@ -223,7 +225,7 @@ def train(
                     losses = model(images, targets)
                 total = sum(losses.values())
                 if not torch.isfinite(total):
-                    bad = {k: float(v) for k, v in losses.items()}
+                    bad = {k: float(v.detach()) for k, v in losses.items()}
                     raise TrainingDiverged(
                         f"loss became non-finite at iteration {it} ({bad}); the step was not taken. "
                         f"Last good checkpoint: {ckpt_path if ckpt_path.exists() else 'none yet'} "
@@ -256,6 +258,7 @@ def train(
     if completed != start or not ckpt_path.exists():
         checkpoint(completed)
     return {"iterations": completed, "resumed_from": start, "wall_time_s": time.perf_counter() - t_start,
+            "train_time_s": earlier_time + (time.perf_counter() - t_start if completed != start else 0.0),
             "last_losses": losses_out, "checkpoint": str(ckpt_path)}
 
 

@@ -1,0 +1,176 @@
+"""Table 1 of the paper: bounding-box proposals of six RPNs on different feature maps (Sec. 5.1).
+
+Rows (the paper's letters): (a) C4, (b) C5, (c) FPN, (d) bottom-up pyramid, (e) top-down
+pyramid without lateral connections, (f) only the finest level P2. Every row uses the same
+head, schedule and data; only the feature maps the RPN sees differ.
+
+Budgets. The paper trains ResNet-50 (ImageNet init, frozen BN) at shorter side 800 for
+30k + 10k iterations of 16 images. On a CPU that is impossible, so the ``smoke``/``cpu``/``gpu``
+budgets below train a slim ResNet-18 with GroupNorm from scratch on the embedded set, with the
+paper's anchor areas scaled by image size / 800 (measured starting points:
+``../shared/notes/cpu-calibration.md``). These are deviations and ``DEVIATIONS`` lists them.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from fpnlib.config import get_preset
+from fpnlib.data.coco import load_coco_split
+from fpnlib.data.transforms import build_transforms
+from fpnlib.engine.inference import evaluate_proposals
+from fpnlib.engine.train import Schedule, derive_seed, train
+from fpnlib.modeling.anchors import count_anchors
+from fpnlib.modeling.detectors import build_rpn_detector
+
+ROWS = {"a": "c4", "b": "c5", "c": "fpn", "d": "bottom_up", "e": "top_down_no_lateral", "f": "p2_only"}
+
+
+@dataclass(frozen=True)
+class RPNBudget:
+    """Model overrides (``build_rpn_detector`` keywords) and schedule of one preset's Table 1."""
+
+    model: dict
+    schedule: Schedule
+
+
+_SLIM = dict(depth=18, width=32, norm="gn", freeze_at=0, fpn_channels=64)
+
+BUDGETS: dict[str, RPNBudget] = {
+    # seconds per row on 2 CPU cores; what the learning test trains
+    "smoke": RPNBudget(
+        model=dict(_SLIM, anchor_scale=0.25),
+        schedule=Schedule(iterations=200, batch_size=4, lr=0.02, warmup_iters=50, steps=(160,), checkpoint_every=100),
+    ),
+    # minutes per row on 2 CPU cores: the default `make reproduce`
+    "cpu": RPNBudget(
+        model=dict(_SLIM, anchor_scale=0.5),
+        schedule=Schedule(iterations=1000, batch_size=4, lr=0.02, warmup_iters=200, steps=(800,), checkpoint_every=250),
+    ),
+    "gpu": RPNBudget(
+        model=dict(depth=50, width=64, norm="gn", freeze_at=0, fpn_channels=256, anchor_scale=0.8),
+        schedule=Schedule(iterations=12000, batch_size=8, lr=0.02, warmup_iters=500, steps=(9000,), checkpoint_every=1000),
+    ),
+    # Sec. 5.1: 8 GPUs x 2 images... for the RPN experiments 16 images per mini-batch, lr 0.02
+    # for 30k iterations and 0.002 for the next 10k, weight decay 1e-4, momentum 0.9.
+    "paper": RPNBudget(
+        model=dict(depth=50, width=64, norm="frozen_bn", freeze_at=2, fpn_channels=256, anchor_scale=1.0),
+        schedule=Schedule(iterations=40000, batch_size=16, lr=0.02, warmup_iters=500, steps=(30000,), checkpoint_every=2000),
+    ),
+}
+
+DEVIATIONS = {
+    "smoke": "slim ResNet-18 (width 32), GroupNorm, from scratch; d=64; anchors x0.25; 200 iterations",
+    "cpu": "slim ResNet-18 (width 32), GroupNorm, from scratch; d=64; anchors x0.5 (16..256 px at 320 px images)",
+    "gpu": "ResNet-50, GroupNorm, from scratch; anchors x0.8 (640 px images)",
+    "single_map_candidates": "rows (a), (b), (f) keep 6000 (test) candidates before NMS on their one map, "
+                             "the pyramid rows 1000 per level (see ``SINGLE_MAP_CANDIDATES``)",
+}
+
+
+# Candidates kept before NMS when the RPN sees ONE map. ``RPNConfig.pre_nms_top_n_*`` is per
+# level (Detectron's FPN: 2000 train / 1000 test per level), so a single-map row would get five
+# times fewer candidates than the five-level pyramid; on the large P2 map the top 1000 then sit
+# on a few objects and NMS leaves only ~70 proposals per image (measured on the smoke set: P2-only
+# AR1k 18.8 with 1000 candidates, 38.1 with 6000, same weights). Single-map rows therefore use the
+# Faster R-CNN RPN's own setting, 12000 train / 6000 test, about the pyramid's total.
+SINGLE_MAP_CANDIDATES = dict(pre_nms_top_n_train=12000, pre_nms_top_n_test=6000)
+ROW_OVERRIDES = {"c4": SINGLE_MAP_CANDIDATES, "c5": SINGLE_MAP_CANDIDATES, "p2_only": SINGLE_MAP_CANDIDATES}
+
+
+def build_row(variant: str, preset: str, seed: int = 0):
+    """The untrained RPN detector of row ``variant`` under ``preset``'s budget (seeded init)."""
+    torch.manual_seed(derive_seed(seed, 1))
+    return build_rpn_detector(variant, **BUDGETS[preset].model, **ROW_OVERRIDES.get(variant, {}))
+
+
+def run_row(variant: str, preset: str, data_root, out_dir, seed: int = 0, device: str = "cpu",
+            iterations: int | None = None, progress: bool = True, workers: int = 0) -> dict:
+    """Train row ``variant`` (or load its finished checkpoint) and evaluate its proposals on val.
+
+    Returns Table 1's metrics (AR100, AR1k, AR1k_s/m/l in percent), the anchor count of an
+    800x1000 image (the paper's "# anchors" column) and timing.
+    """
+    budget = BUDGETS[preset]
+    schedule = budget.schedule
+    if iterations is not None:
+        schedule = replace(schedule, iterations=iterations, steps=tuple(int(s * iterations / schedule.iterations)
+                                                                       for s in schedule.steps))
+    size = get_preset(preset).data
+    min_size, max_size = (size.image_size, size.max_size) if size else (800, 1333)
+    train_set = load_coco_split(data_root, "train", transforms=build_transforms(True, min_size, max_size),
+                                with_masks=False)
+    val_set = load_coco_split(data_root, "val", transforms=build_transforms(False, min_size, max_size),
+                              with_masks=False)
+    model = build_row(variant, preset, seed)
+    run = train(model, train_set, schedule, Path(out_dir), seed=seed, device=device, progress=progress,
+                workers=workers, description=f"Table 1 {variant}")
+    t1 = time.perf_counter()
+    metrics = evaluate_proposals(model, val_set, device=device, progress=progress, workers=workers)
+    return {
+        "variant": variant,
+        "metrics": metrics,
+        "anchors_800x1000": count_anchors((800, 1000), variant),
+        "iterations": schedule.iterations,
+        "lr": schedule.lr,
+        "train_time_s": round(run["train_time_s"], 1),  # all sessions, also when loaded from a checkpoint
+        "trained_from_iteration": run["resumed_from"],
+        "eval_time_s": round(time.perf_counter() - t1, 1),
+    }
+
+
+# our row -> the paper's row key in ``fpn_paper_tables.json``
+PAPER_KEYS = {"c4": "a_conv4", "c5": "b_conv5", "fpn": "c_fpn", "bottom_up": "d_bottom_up",
+              "top_down_no_lateral": "e_no_lateral", "p2_only": "f_finest_only"}
+METRICS = ("AR100", "AR1k", "AR1k_s", "AR1k_m", "AR1k_l")
+
+
+def run_table1(preset: str, data_root, runs_dir, out_dir, seed: int = 0, device: str = "cpu",
+               variants=tuple(ROWS.values()), progress: bool = True) -> dict:
+    """Train and evaluate every row; write ``out_dir/table1.json`` (after each row, so a stopped
+    run shows what it has) and ``out_dir/table1.md``. Rows whose checkpoints are complete are
+    loaded, not retrained."""
+    from fpnlib.provenance import provenance
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {"table": 1, "rows": {}, "deviations": {k: v for k, v in DEVIATIONS.items() if k not in BUDGETS or k == preset},
+              "budget": {"model": BUDGETS[preset].model, "schedule": vars(BUDGETS[preset].schedule),
+                         "row_overrides": ROW_OVERRIDES}}
+    t0 = time.perf_counter()
+    for variant in variants:
+        t = time.perf_counter()
+        record["rows"][variant] = run_row(variant, preset, data_root, Path(runs_dir) / variant, seed=seed,
+                                          device=device, progress=progress)
+        record["rows"][variant]["wall_time_s"] = round(time.perf_counter() - t, 1)
+        record["provenance"] = provenance(preset, seed, time.perf_counter() - t0, device=str(device))
+        (out_dir / "table1.json").write_text(json.dumps(record, indent=1, default=list) + "\n")
+    (out_dir / "table1.md").write_text(render_table1(record) + "\n")
+    return record
+
+
+def render_table1(record: dict) -> str:
+    """Markdown: each metric as ``ours / paper``; the paper's setting and ours stated below."""
+    from fpnlib.reference import paper_rows, paper_tables
+
+    paper = paper_rows("table1_rpn")
+    letters = {v: k for k, v in ROWS.items()}
+    lines = ["| row | feature | # anchors (800x1000) ours / paper | " + " | ".join(f"{m} ours / paper" for m in METRICS) + " |",
+             "|---|---|---|" + "---|" * len(METRICS)]
+    for variant, row in record["rows"].items():
+        p = paper[PAPER_KEYS[variant]]
+        cells = [f"{row['metrics'][m]:.1f} / {p[m]:.1f}" for m in METRICS]
+        lines.append(f"| ({letters[variant]}) {variant} | {p['feature']} | {row['anchors_800x1000'] / 1000:.0f}k / {p['anchors']} | "
+                     + " | ".join(cells) + " |")
+    prov = record["provenance"]
+    lines += ["", f"Ours: preset `{prov['preset']}`, seed {prov['seed']}, commit `{prov['commit'][:12]}`, "
+              f"{prov['hardware'].get('gpu') or prov['hardware']['cpu']}, "
+              f"{sum(r['train_time_s'] for r in record['rows'].values()) / 60:.1f} min of training, "
+              f"{prov['date']}; the embedded val set, class-agnostic, pycocotools.",
+              f"Paper: {paper_tables()['setting']}", "", "Deviations from the paper:"]
+    lines += [f"- {k}: {v}" for k, v in record["deviations"].items()]
+    return "\n".join(lines)
