@@ -43,7 +43,17 @@ def render_data_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> s
     return "\n".join(rows)
 
 
-BLOCKS = {"data": render_data_block}
+def render_table1_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> str:
+    """Table 1 (RPN proposals) of ``preset``: ours beside the paper's, with provenance."""
+    from fpnlib.experiments.table1 import render_table1
+
+    path = Path(results_dir) / preset / "table1.json"
+    if not path.exists():
+        return f"_No recorded Table 1 yet: run `make reproduce` (writes `{path.relative_to(REPO_ROOT)}`)._"
+    return render_table1(json.loads(path.read_text()))
+
+
+BLOCKS = {"data": render_data_block, "table1": render_table1_block}
 
 
 def render_readme(text: str, results_dir: Path = RESULTS_DIR) -> str:

@@ -1,7 +1,8 @@
 """The instructors' path: everything of one preset, unattended.
 
 ``python -m fpnlib reproduce --preset cpu`` (``make reproduce``) generates the embedded data
-set, records its statistics, then executes the lesson notebooks in order with papermill,
+set, records its statistics, regenerates the paper's tables (Table 1 so far; trained rows are
+reused from ``runs/<preset>/``), then executes the lesson notebooks in order with papermill,
 in place, so the committed notebooks, ``figures/`` and ``results/<preset>/`` all come from
 one recorded run.
 """
@@ -54,7 +55,7 @@ def execute_notebook(path: Path, parameters: dict, out_path: Path | None = None,
 
 def reproduce(preset: str = "cpu", workers: int = 2, results_dir: Path = RESULTS_DIR,
               notebooks: list[Path] | None = None) -> dict:
-    """Data, statistics, then every lesson notebook under ``preset``; returns wall times."""
+    """Data, statistics, Table 1, then every lesson notebook under ``preset``; returns wall times."""
     from tqdm.auto import tqdm
 
     times = {}
@@ -64,6 +65,14 @@ def reproduce(preset: str = "cpu", workers: int = 2, results_dir: Path = RESULTS
     # the generation's own time (the set may have been made by an earlier run and reused)
     write_data_statistics(preset, root, results_dir, seed=get_preset(preset).data.seed if get_preset(preset).data else 0,
                           wall_time_s=generation_time(root))
+    from fpnlib.experiments.table1 import run_table1
+
+    t = time.perf_counter()
+    import torch
+
+    run_table1(preset, root, REPO_ROOT / "runs" / preset / "table1", Path(results_dir) / preset,
+               device="cuda" if torch.cuda.is_available() else "cpu", seed=get_preset(preset).data.seed if get_preset(preset).data else 0)
+    times["table1"] = time.perf_counter() - t
     for nb in tqdm(notebooks or lesson_notebooks(), desc=f"notebooks ({preset})", unit="nb"):
         t = time.perf_counter()
         execute_notebook(nb, {"preset": preset})

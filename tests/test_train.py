@@ -134,3 +134,43 @@ def test_load_checkpoint_errors_name_the_file(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="bad.pt"):
         load_checkpoint(_Toy(), bad)
+
+
+_SIGTERM_SCRIPT = """
+import sys, time, torch
+from torch import nn
+from fpnlib.engine.train import Schedule, train
+
+class Slow(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(2))
+    def forward(self, images, targets):
+        time.sleep(0.05)
+        return {"loss": (self.w - 1).pow(2).sum()}
+
+data = [(torch.zeros(1, 2, 2), {}) for _ in range(8)]
+def report(it, losses):
+    print("it", it, flush=True)
+train(Slow(), data, Schedule(iterations=10_000, batch_size=2, warmup_iters=0, checkpoint_every=10_000),
+      sys.argv[1], progress=False, on_iteration=report)
+"""
+
+
+def test_sigterm_saves_a_checkpoint(tmp_path):
+    """A background job killed by SIGTERM (or SIGINT, ignored by default there) keeps its work."""
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "slow_train.py"
+    script.write_text(_SIGTERM_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("it 5"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0  # the run stopped; it did not finish 10k iterations
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert 6 <= state["iteration"] < 10_000

@@ -18,8 +18,11 @@ in train mode.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -150,6 +153,26 @@ def _trim_log(log_path: Path, last_iteration: int) -> None:
     log_path.write_text("".join(line + "\n" for line in keep))
 
 
+@contextlib.contextmanager
+def _stop_signals_interrupt():
+    """Make SIGTERM and SIGINT raise ``KeyboardInterrupt`` while training, so that ``kill``, a
+    job scheduler or Ctrl-C in a background job (where SIGINT is otherwise ignored) all end
+    with a checkpoint instead of lost work."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def train(
     model: nn.Module,
     dataset: Dataset,
@@ -213,7 +236,7 @@ def train(
     completed, losses_out, t_start = start, {}, time.perf_counter()
     t_last = time.perf_counter()
     try:
-        with open(log_path, "a") as log:
+        with _stop_signals_interrupt(), open(log_path, "a") as log:
             for it, (images, targets) in zip(range(start, schedule.iterations), loader):
                 t_data = time.perf_counter() - t_last
                 images, targets = _to(device, images, targets)
