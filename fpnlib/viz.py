@@ -17,12 +17,22 @@ from fpnlib.data.stats import MEDIUM_MAX_AREA, SMALL_MAX_AREA, scale_bucket
 BUCKET_COLOURS = {"small": "#d62728", "medium": "#ff7f0e", "large": "#1f77b4"}
 
 
-def to_numpy_image(image) -> np.ndarray:
-    """HxWx3 float image in [0, 1] from a CHW tensor, an HWC array or a PIL image."""
+def to_numpy_image(image, normalized: bool | None = None) -> np.ndarray:
+    """HxWx3 float image in [0, 1] from a CHW tensor, an HWC array or a PIL image.
+
+    ``normalized``: the image went through ``Normalize`` (ImageNet mean/std) and is undone
+    here; ``None`` decides by sign (a normalized image has negative values, a raw one never).
+    """
+    from fpnlib.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
     if hasattr(image, "detach"):
         image = image.detach().cpu().float().numpy().transpose(1, 2, 0)
     image = np.asarray(image, dtype=np.float32)
-    if image.max() > 1.5:
+    if normalized is None:
+        normalized = bool(image.min() < 0)
+    if normalized:
+        image = image * np.asarray(IMAGENET_STD, np.float32) + np.asarray(IMAGENET_MEAN, np.float32)
+    elif image.max() > 1.5:
         image = image / 255.0
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=2)

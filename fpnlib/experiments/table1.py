@@ -88,6 +88,15 @@ def build_row(variant: str, preset: str, seed: int = 0):
     return build_rpn_detector(variant, **BUDGETS[preset].model, **ROW_OVERRIDES.get(variant, {}))
 
 
+def load_row(variant: str, preset: str, run_dir, seed: int = 0, device: str = "cpu"):
+    """Row ``variant`` with the weights of its checkpoint ``run_dir/last.pt`` (eval mode)."""
+    from fpnlib.engine.train import load_checkpoint
+
+    model = build_row(variant, preset, seed)
+    load_checkpoint(model, Path(run_dir) / "last.pt", device=device)
+    return model.to(device).eval()
+
+
 def run_row(variant: str, preset: str, data_root, out_dir, seed: int = 0, device: str = "cpu",
             iterations: int | None = None, progress: bool = True, workers: int = 0) -> dict:
     """Train row ``variant`` (or load its finished checkpoint) and evaluate its proposals on val.
@@ -130,10 +139,10 @@ METRICS = ("AR100", "AR1k", "AR1k_s", "AR1k_m", "AR1k_l")
 
 
 def run_table1(preset: str, data_root, runs_dir, out_dir, seed: int = 0, device: str = "cpu",
-               variants=tuple(ROWS.values()), progress: bool = True) -> dict:
+               variants=tuple(ROWS.values()), progress: bool = True, iterations: int | None = None) -> dict:
     """Train and evaluate every row; write ``out_dir/table1.json`` (after each row, so a stopped
     run shows what it has) and ``out_dir/table1.md``. Rows whose checkpoints are complete are
-    loaded, not retrained."""
+    loaded, not retrained. ``iterations`` shortens the budget (the notebook tests use it)."""
     from fpnlib.provenance import provenance
 
     out_dir = Path(out_dir)
@@ -145,7 +154,7 @@ def run_table1(preset: str, data_root, runs_dir, out_dir, seed: int = 0, device:
     for variant in variants:
         t = time.perf_counter()
         record["rows"][variant] = run_row(variant, preset, data_root, Path(runs_dir) / variant, seed=seed,
-                                          device=device, progress=progress)
+                                          device=device, progress=progress, iterations=iterations)
         record["rows"][variant]["wall_time_s"] = round(time.perf_counter() - t, 1)
         record["provenance"] = provenance(preset, seed, time.perf_counter() - t0, device=str(device))
         (out_dir / "table1.json").write_text(json.dumps(record, indent=1, default=list) + "\n")
@@ -173,4 +182,62 @@ def render_table1(record: dict) -> str:
               f"{prov['date']}; the embedded val set, class-agnostic, pycocotools.",
               f"Paper: {paper_tables()['setting']}", "", "Deviations from the paper:"]
     lines += [f"- {k}: {v}" for k, v in record["deviations"].items()]
+    lines += ["", f"The paper's claims on our numbers (direction only; |difference| < {INCONCLUSIVE_BELOW} point: inconclusive):"]
+    lines += [f"- {c}" for c in claims(record)]
     return "\n".join(lines)
+
+
+# The paper's headline comparisons in Table 1 (Sec. 5.1.1): (row, row, metric), the first
+# expected to be higher.
+CLAIMS = (
+    ("fpn", "c4", "AR1k", "FPN beats the single-scale C4 RPN"),
+    ("fpn", "c4", "AR1k_s", "FPN beats C4 on small objects (the paper: by 12.9 points)"),
+    ("fpn", "bottom_up", "AR1k", "the top-down pathway matters (FPN vs bottom-up pyramid)"),
+    ("fpn", "top_down_no_lateral", "AR1k", "lateral connections matter (FPN vs no lateral)"),
+    ("fpn", "p2_only", "AR1k", "a pyramid beats the finest level alone (FPN vs P2 only)"),
+)
+
+
+# Differences below this many AR points are called inconclusive: on a val split of a few
+# hundred objects, one object found or missed moves AR by about that much.
+INCONCLUSIVE_BELOW = 1.0
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim with our two numbers and the paper's; the verdict compares directions only."""
+
+    text: str
+    metric: str
+    rows: tuple[str, str]
+    ours: tuple[float, float]
+    paper: tuple[float, float]
+
+    @property
+    def reproduced(self) -> bool:
+        return (self.ours[0] > self.ours[1]) == (self.paper[0] > self.paper[1])
+
+    @property
+    def verdict(self) -> str:
+        if abs(self.ours[0] - self.ours[1]) < INCONCLUSIVE_BELOW:
+            return "inconclusive"
+        return "reproduced" if self.reproduced else "NOT reproduced"
+
+    def __str__(self) -> str:
+        (a, b), (pa, pb) = self.ours, self.paper
+        verdict = self.verdict
+        return (f"{verdict:>14}: {self.text} — {self.metric} {self.rows[0]} vs {self.rows[1]}: "
+                f"ours {a:.1f} vs {b:.1f} ({a - b:+.1f}), paper {pa:.1f} vs {pb:.1f} ({pa - pb:+.1f})")
+
+
+def claims(record: dict) -> list[Claim]:
+    """Table 1's claims checked on a ``run_table1`` record (rows missing from it are skipped)."""
+    from fpnlib.reference import paper_rows
+
+    paper = paper_rows("table1_rpn")
+    out = []
+    for a, b, metric, text in CLAIMS:
+        if a in record["rows"] and b in record["rows"]:
+            ours = (record["rows"][a]["metrics"][metric], record["rows"][b]["metrics"][metric])
+            out.append(Claim(text, metric, (a, b), ours, (paper[PAPER_KEYS[a]][metric], paper[PAPER_KEYS[b]][metric])))
+    return out

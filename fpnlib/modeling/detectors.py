@@ -74,8 +74,9 @@ class RPNDetector(nn.Module):
     """Backbone -> neck (per ``cfg.variant``) -> RPN: the region-proposal detector of Table 1.
 
     ``forward(images, targets)``: training returns ``{"loss_objectness", "loss_rpn_box"}``;
-    evaluation returns per image ``{"boxes": [K, 4], "scores": [K]}`` in the input image's
-    pixels (images are only padded, never resized, so no rescaling is needed).
+    evaluation returns per image ``{"boxes": [K, 4], "scores": [K], "levels": [K]}`` in the
+    input image's pixels (images are only padded, never resized, so no rescaling is needed);
+    ``levels`` indexes ``self.rpn.head.levels``, the map each proposal came from.
     ``generator`` optionally seeds the RPN's anchor sampling.
     """
 
@@ -120,11 +121,12 @@ class RPNDetector(nn.Module):
         batch, hws = batch_images(images, self.cfg.size_divisible)
         # Training needs only the losses: the proposals of an RPN trained alone go nowhere.
         proposals, losses = self.rpn(
-            self._maps(batch), hws, targets if self.training else None, return_proposals=not self.training
+            self._maps(batch), hws, targets if self.training else None, return_proposals=not self.training,
+            with_levels=True,
         )
         if self.training:
             return losses
-        return [{"boxes": boxes, "scores": scores} for boxes, scores in proposals]
+        return [{"boxes": boxes, "scores": scores, "levels": levels} for boxes, scores, levels in proposals]
 
 
 def build_rpn_detector(variant: str, generator: torch.Generator | None = None, **overrides) -> RPNDetector:

@@ -243,8 +243,9 @@ def _proposals_for_image(
     post_nms_top_n: int,
     nms_thresh: float,
     min_size: float,
-) -> tuple[Tensor, Tensor]:
-    """Clip, drop small boxes, NMS within each level, keep the image's top ``post_nms_top_n``."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Clip, drop small boxes, NMS within each level, keep the image's top ``post_nms_top_n``.
+    Returns boxes, scores and the level index of each proposal."""
     boxes = clip_boxes(boxes, image_hw)
     keep = remove_small_boxes(boxes, min_size)
     keep = keep[torch.isfinite(boxes[keep]).all(dim=1) & torch.isfinite(logits[keep])]
@@ -252,7 +253,7 @@ def _proposals_for_image(
     # One call for all levels: the level index is the NMS group, so boxes only suppress boxes
     # of their own level. The result is sorted by decreasing score, across levels.
     keep = batched_nms(boxes, logits, level_ids, nms_thresh)[:post_nms_top_n]
-    return boxes[keep], logits[keep].sigmoid()
+    return boxes[keep], logits[keep].sigmoid(), level_ids[keep]
 
 
 @torch.no_grad()
@@ -265,8 +266,10 @@ def select_proposals(
     post_nms_top_n: int,
     nms_thresh: float,
     min_size: float,
-) -> list[tuple[Tensor, Tensor]]:
-    """Proposals per image: list of (boxes [K, 4], scores [K]) with K <= ``post_nms_top_n``.
+    with_levels: bool = False,
+) -> list[tuple[Tensor, ...]]:
+    """Proposals per image: list of (boxes [K, 4], scores [K]) with K <= ``post_nms_top_n``;
+    ``with_levels`` adds the level index [K] of each (its position in ``anchors``' keys).
 
     objectness/deltas: per level, either [N, A, H, W] / [N, 4A, H, W] maps (dict keyed like
     ``anchors``) or already flattened [N, H*W*A] / [N, H*W*A, 4] (list in ``anchors`` order).
@@ -279,10 +282,9 @@ def select_proposals(
     logits, top_deltas = logits.detach(), top_deltas.detach()
     n = logits.shape[0]
     boxes = decode(top_deltas.reshape(-1, 4), top_anchors.reshape(-1, 4)).view(n, -1, 4)
-    return [
-        _proposals_for_image(boxes[i], logits[i], level_ids, image_hws[i], post_nms_top_n, nms_thresh, min_size)
-        for i in range(n)
-    ]
+    out = [_proposals_for_image(boxes[i], logits[i], level_ids, image_hws[i], post_nms_top_n, nms_thresh, min_size)
+           for i in range(n)]
+    return out if with_levels else [(b, sc) for b, sc, _ in out]
 
 
 # -------------------------------------------------------------------------------- module
@@ -335,13 +337,16 @@ class RPN(nn.Module):
         image_hws: Sequence[tuple[int, int]],
         targets: Sequence[dict] | None = None,
         return_proposals: bool = True,
-    ) -> tuple[list[tuple[Tensor, Tensor]], dict[str, Tensor]]:
+        with_levels: bool = False,
+    ) -> tuple[list[tuple[Tensor, ...]], dict[str, Tensor]]:
         """Proposals per image (boxes, scores) and, in training, the losses.
 
         ``targets``: per image a dict with "boxes" [G, 4] (x1, y1, x2, y2) and optionally
         "iscrowd" [G]; crowd boxes are not ground truth, anchors overlapping them are ignored.
         ``return_proposals=False`` skips proposal selection (an empty list is returned): an
         RPN trained alone never uses its training-time proposals, and NMS is costly on CPU.
+        ``with_levels`` adds to each image's (boxes, scores) the index in ``head.levels`` of
+        the level each proposal came from.
         """
         feats = {lvl: features[lvl] for lvl in self.head.levels}
         logits, deltas = self.head(feats)
@@ -351,7 +356,8 @@ class RPN(nn.Module):
         post_n = cfg.post_nms_top_n_train if self.training else cfg.post_nms_top_n_test
         proposals = []
         if return_proposals:
-            proposals = select_proposals(logits, deltas, anchors, image_hws, pre_n, post_n, cfg.nms_thresh, cfg.min_size)
+            proposals = select_proposals(logits, deltas, anchors, image_hws, pre_n, post_n, cfg.nms_thresh, cfg.min_size,
+                                         with_levels=with_levels)
 
         losses: dict[str, Tensor] = {}
         if self.training:

@@ -1,0 +1,62 @@
+"""RoI features from the pyramid: each RoI is pooled from the level Eq. (1) assigns it (Sec. 4.2).
+
+The paper uses RoI pooling (Fast R-CNN) to extract 7x7 features; modern libraries use RoIAlign
+(Mask R-CNN), which samples the map bilinearly instead of snapping the RoI to the grid. Both
+come from ``torchvision.ops``; what is the paper's here is the choice of level.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+from torchvision.ops import roi_align, roi_pool
+
+from .roi_levels import assign_fpn_levels
+
+ROI_LEVELS = ("p2", "p3", "p4", "p5")  # the region head never reads P6 (Sec. 4.2)
+
+
+def rois_with_batch_index(boxes: Sequence[Tensor]) -> Tensor:
+    """``[K, 5]`` rows ``(image index, x1, y1, x2, y2)``, the format of ``torchvision.ops``."""
+    return torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
+
+
+def pyramid_roi_features(
+    features: Mapping[str, Tensor],
+    boxes: Sequence[Tensor],
+    strides: Mapping[str, int],
+    output_size: int = 7,
+    mode: str = "align",
+    sampling_ratio: int = 2,
+    aligned: bool = False,
+    levels: Sequence[str] = ROI_LEVELS,
+    canonical_size: float = 224,
+    canonical_level: int = 4,
+) -> Tensor:
+    """``[K, C, output_size, output_size]`` features of all images' RoIs, in the order of ``boxes``.
+
+    ``boxes``: one ``[K_i, 4]`` xyxy tensor per image (image pixels). ``mode``: ``"pool"`` (RoI
+    pooling, as the paper) or ``"align"`` (RoIAlign; ``sampling_ratio`` points per bin side,
+    ``aligned`` the half-pixel correction of Detectron2, off in torchvision's Faster R-CNN).
+    Level names must end in their k (``"p2"`` -> 2); each RoI goes to the level of Eq. (1).
+    """
+    if mode not in ("align", "pool"):
+        raise ValueError(f"mode must be 'align' or 'pool', got {mode!r}")
+    ks = [int(name[1:]) for name in levels]
+    rois = rois_with_batch_index(boxes)
+    target = assign_fpn_levels(rois[:, 1:], k0=canonical_level, canonical_size=canonical_size,
+                               k_min=min(ks), k_max=max(ks))
+    first = features[levels[0]]
+    out = first.new_zeros((rois.shape[0], first.shape[1], output_size, output_size))
+    for name, k in zip(levels, ks):
+        idx = torch.nonzero(target == k).squeeze(1)
+        if idx.numel() == 0:
+            continue
+        scale = 1.0 / strides[name]
+        if mode == "align":
+            pooled = roi_align(features[name], rois[idx], output_size, scale, sampling_ratio, aligned)
+        else:
+            pooled = roi_pool(features[name], rois[idx], output_size, scale)
+        out[idx] = pooled.to(out.dtype)
+    return out
