@@ -15,6 +15,7 @@ from fpnlib.reproduce import execute_notebook, lesson_notebooks
 EXPECTED_FIGURES = {
     "00_data.ipynb": ["00_samples.png", "00_sizes.png", "00_categories.png"],
     "02_top_down_lateral.ipynb": ["02_pyramid_levels.png", "02_merge_block.png", "02_ablation_dependencies.png"],
+    "03_anchors.ipynb": ["03_cell_anchors.png", "03_anchor_grids.png", "03_positives_per_level.png", "03_uncovered_gts.png"],
     "04_rpn_table1.ipynb": ["04_fpn_losses.png", "04_proposals_by_level.png", "04_table1.png", "04_table1_losses.png"],
 }
 # Training notebooks write results and checkpoints into the test's folder and train briefly:

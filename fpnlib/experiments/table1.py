@@ -7,8 +7,10 @@ head, schedule and data; only the feature maps the RPN sees differ.
 Budgets. The paper trains ResNet-50 (ImageNet init, frozen BN) at shorter side 800 for
 30k + 10k iterations of 16 images. On a CPU that is impossible, so the ``smoke``/``cpu``/``gpu``
 budgets below train a slim ResNet-18 with GroupNorm from scratch on the embedded set, with the
-paper's anchor areas scaled by image size / 800 (measured starting points:
-``../shared/notes/cpu-calibration.md``). These are deviations and ``DEVIATIONS`` lists them.
+paper's anchor sizes scaled down for the smaller images (x0.25 at 160 px, x0.5 at 320 px, x0.8
+at 640 px; the strides are not scaled, so an anchor is 2-4 cells wide instead of the paper's 8).
+The starting points were measured on a 2-core CPU before this module was written. These are
+deviations and ``DEVIATIONS`` lists them.
 """
 from __future__ import annotations
 
