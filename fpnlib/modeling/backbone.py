@@ -21,7 +21,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops import FrozenBatchNorm2d
 
 # depth -> (residual block, blocks per stage conv2_x..conv5_x), as in torchvision / He et al.
-_ARCH = {
+RESNET_ARCH = {
     18: (BasicBlock, [2, 2, 2, 2]),
     34: (BasicBlock, [3, 4, 6, 3]),
     50: (Bottleneck, [3, 4, 6, 3]),
@@ -58,7 +58,7 @@ def norm_factory(norm: str, gn_groups: int = 32):
     raise ValueError(f"unknown norm {norm!r}; choose 'frozen_bn', 'bn' or 'gn'")
 
 
-def _he_init(module: nn.Module) -> None:
+def he_init(module: nn.Module) -> None:
     """The initialisation torchvision's ``ResNet.__init__`` applies (He et al., 2015)."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
@@ -94,15 +94,15 @@ class ResNetBackbone(nn.Module):
         gn_groups: int = 32,
     ) -> None:
         super().__init__()
-        if depth not in _ARCH:
-            raise ValueError(f"unsupported depth {depth}; choose one of {sorted(_ARCH)}")
+        if depth not in RESNET_ARCH:
+            raise ValueError(f"unsupported depth {depth}; choose one of {sorted(RESNET_ARCH)}")
         if not out_features or any(f not in _STAGES for f in out_features):
             raise ValueError(f"out_features must be a non-empty subset of {_STAGES}, got {out_features}")
         if not 0 <= freeze_at <= 5:
             raise ValueError(f"freeze_at must be in 0..5, got {freeze_at}")
         if width < 1:
             raise ValueError(f"width must be positive, got {width}")
-        block, layers = _ARCH[depth]
+        block, layers = RESNET_ARCH[depth]
         norm_layer = norm_factory(norm, gn_groups)
         self.depth, self.norm, self.freeze_at, self.width = depth, norm, freeze_at, width
         self.out_features = tuple(f for f in _STAGES if f in out_features)
@@ -123,7 +123,7 @@ class ResNetBackbone(nn.Module):
             stage = factory._make_layer(block, width * 2**i, layers[i], stride=1 if i == 0 else 2)
             setattr(self, f"layer{i + 1}", stage)
         self.num_stages = num_stages
-        _he_init(self)
+        he_init(self)
 
         self.strides = {f: STRIDES[f] for f in self.out_features}
         self.out_channels = {

@@ -26,6 +26,9 @@ from torchvision.ops import clip_boxes_to_image
 BBOX_CLAMP = math.log(1000.0 / 16)
 
 Weights = Sequence[float]
+# (wx, wy, ww, wh) of Fast R-CNN's box regression: scales the targets to roughly unit
+# variance (the values of Fast R-CNN, Detectron and torchvision).
+FAST_RCNN_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 
 
 def _centre_size(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -19,6 +19,8 @@ ROI_LEVELS = ("p2", "p3", "p4", "p5")  # the region head never reads P6 (Sec. 4.
 
 def rois_with_batch_index(boxes: Sequence[Tensor]) -> Tensor:
     """``[K, 5]`` rows ``(image index, x1, y1, x2, y2)``, the format of ``torchvision.ops``."""
+    if len(boxes) == 0:
+        raise ValueError("no images: pass one [K_i, 4] tensor per image (an image without RoIs: [0, 4])")
     return torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
 
 

@@ -25,7 +25,8 @@ def assign_fpn_levels(boxes: Tensor, k0: int = CANONICAL_LEVEL, canonical_size: 
                       k_min: int = 2, k_max: int = 5, eps: float = 1e-6) -> Tensor:
     """Eq. (1): the pyramid level k (int64 ``[N]``) of each xyxy box ``[N, 4]`` (image pixels).
 
-    Boundaries: sqrt(wh) < 112 -> 2 or 3 (finer), [112, 224) -> 3, [224, 448) -> 4, >= 448 -> 5.
+    Boundaries (k0 = 4, clamped to [2, 5]): sqrt(wh) < 112 -> 2, [112, 224) -> 3, [224, 448) -> 4,
+    >= 448 -> 5.
     ``eps`` is added to the exponent so that a box exactly on a boundary (e.g. 448 px, where
     float ``log2`` may give 0.99999994) lands on the upper level; zero-area boxes go to ``k_min``.
     """
