@@ -18,6 +18,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
+from fpnlib.modeling.anchors import LEVEL_STRIDES
 from fpnlib.modeling.fpn import STRIDES
 from fpnlib.viz import to_numpy_image
 
@@ -114,14 +115,15 @@ def plot_pyramid(image: Tensor, pyramid: Mapping[str, Tensor], channel: int | No
     axes[0].set_axis_off()
     for ax, level in zip(axes[1:], levels):
         m = _map2d(pyramid[level], channel)
-        stride = STRIDES[level]
+        stride = LEVEL_STRIDES[level]  # c2..c5 or p2..p6
         _show_map(ax, m, stride, signed=channel is not None and channel >= 0)
         ax.set_xlim(0, img.shape[1])
         ax.set_ylim(img.shape[0], 0)
         ax.set_title(f"{level.upper()}: stride {stride}, {m.shape[0]}×{m.shape[1]}", fontsize=8)
     for ax in axes[n:]:
         ax.set_axis_off()
-    fig.suptitle(f"pyramid levels, {_what(channel)} (untrained network)", fontsize=9)
+    fig.suptitle(f"{'bottom-up stages' if levels[0].startswith('c') else 'pyramid levels'}, "
+                 f"{_what(channel)} (untrained network)", fontsize=9)
     return fig
 
 
@@ -227,3 +229,23 @@ def pyramid_widget(image: Tensor, pyramid: Mapping[str, Tensor]):
         level=widgets.SelectionSlider(options=levels, value=levels[0], description="level"),
         channel=widgets.IntSlider(value=-1, min=-1, max=channels - 1, description="channel"),
     )
+
+
+def plot_figure1_costs(results: Mapping[str, Mapping]) -> Figure:
+    """Fig. 1 (a)-(d) measured: forward time and activation memory of each architecture."""
+    archs = list(results)
+    fig = Figure(figsize=(7.5, 2.6), layout="constrained")
+    ax_t, ax_m = fig.subplots(1, 2)
+    colours = ["#c44e52", "#8c8c8c", "#dd8452", "#4c72b0"]
+    labels = [f"({a}) {results[a]['name']}" for a in archs]
+    for ax, key, unit in ((ax_t, "time_s", "ms"), (ax_m, "memory_mb", "MB")):
+        values = [results[a][key] * (1000 if key == "time_s" else 1) for a in archs]
+        ax.barh(range(len(archs)), values, color=colours[: len(archs)])
+        ax.set_yticks(range(len(archs)), labels if ax is ax_t else [f"({a})" for a in archs], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel(unit, fontsize=8)
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {v:.0f}", va="center", fontsize=7)
+    ax_t.set_title("one forward pass (median)", fontsize=9)
+    ax_m.set_title(f"activations ({next(iter(results.values()))['memory_kind']})", fontsize=9)
+    return fig

@@ -14,13 +14,15 @@ from fpnlib.reproduce import execute_notebook, lesson_notebooks
 # What each notebook must write into figures_dir.
 EXPECTED_FIGURES = {
     "00_data.ipynb": ["00_samples.png", "00_sizes.png", "00_categories.png"],
+    "01_bottom_up.ipynb": ["01_bottom_up_stages.png", "01_figure1_costs.png"],
     "02_top_down_lateral.ipynb": ["02_pyramid_levels.png", "02_merge_block.png", "02_ablation_dependencies.png"],
     "03_anchors.ipynb": ["03_cell_anchors.png", "03_anchor_grids.png", "03_positives_per_level.png", "03_uncovered_gts.png"],
     "04_rpn_table1.ipynb": ["04_fpn_losses.png", "04_proposals_by_level.png", "04_table1.png", "04_table1_losses.png"],
 }
-# Training notebooks write results and checkpoints into the test's folder and train briefly:
-# the learning itself is tested by test_learning.py, here only that the lesson runs end to end.
-TRAINING = {"04_rpn_table1.ipynb": {"iterations": 10}}
+# Notebooks that write results (and checkpoints) get folders inside the test's tmp_path; the
+# training one trains briefly: learning itself is tested by test_learning.py, here only that
+# the lesson runs end to end.
+WRITERS = {"01_bottom_up.ipynb": {"repeats": 2}, "04_rpn_table1.ipynb": {"iterations": 10, "runs_dir": "runs"}}
 NOTEBOOKS = lesson_notebooks()
 
 
@@ -41,15 +43,23 @@ def test_every_notebook_has_expectations():
 def test_notebook_runs_under_smoke(notebook, tmp_path, smoke_root):
     figures = tmp_path / "figures"
     params = {"preset": "smoke", "data_root": str(smoke_root), "figures_dir": str(figures)}
-    if notebook.name in TRAINING:
-        params.update(TRAINING[notebook.name], results_dir=str(tmp_path / "results"), runs_dir=str(tmp_path / "runs"))
+    if notebook.name in WRITERS:
+        extra = dict(WRITERS[notebook.name])
+        if "runs_dir" in extra:
+            extra["runs_dir"] = str(tmp_path / extra["runs_dir"])
+        params.update(extra, results_dir=str(tmp_path / "results"))
     execute_notebook(notebook, params, out_path=tmp_path / notebook.name, cell_timeout=300)
     for name in EXPECTED_FIGURES[notebook.name]:
         w, h = png_size(figures / name)
         assert w >= 300 and h >= 150, f"{name}: {w}x{h} is too small to be a figure"
         assert (figures / name).stat().st_size < 1_000_000, f"{name} is over 1 MB"
-    if notebook.name in TRAINING:  # the table the lesson regenerates, with a row per Table 1 variant
+    if notebook.name == "01_bottom_up.ipynb":  # Fig. 1 measured: four architectures, positive costs
+        record = json.loads((tmp_path / "results" / "smoke" / "figure1.json").read_text())
+        assert set(record["results"]) == {"a", "b", "c", "d"}
+        assert all(r["time_s"] > 0 and r["memory_mb"] > 0 for r in record["results"].values())
+        assert record["provenance"]["preset"] == "smoke"
+    if notebook.name == "04_rpn_table1.ipynb":  # the table the lesson regenerates, a row per variant
         record = json.loads((tmp_path / "results" / "smoke" / "table1.json").read_text())
         assert len(record["rows"]) == 6
-        assert all(r["iterations"] == TRAINING[notebook.name]["iterations"] for r in record["rows"].values())
+        assert all(r["iterations"] == WRITERS[notebook.name]["iterations"] for r in record["rows"].values())
         assert (tmp_path / "results" / "smoke" / "table1.md").read_text().count("ours / paper") == 5
