@@ -19,21 +19,22 @@ def _batch():
         {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "iscrowd": torch.zeros(0)},
     ]
     xy = torch.rand(2, 40, 2, generator=g) * 60
-    proposals = [torch.cat([xy[i], xy[i] + 8 + torch.rand(40, 2, generator=g) * 30], 1) for i in range(2)]
-    return images, proposals, targets
+    for i, t in enumerate(targets):
+        t["proposals"] = torch.cat([xy[i], xy[i] + 8 + torch.rand(40, 2, generator=g) * 30], 1)
+    return images, targets
 
 
 @pytest.mark.parametrize("variant", HEAD_VARIANTS)
 def test_every_table2_row_trains_and_detects(variant):
     torch.manual_seed(0)
     model = FastRCNN(FastRCNNConfig(variant=variant, **SMALL), generator=torch.Generator().manual_seed(0))
-    images, proposals, targets = _batch()
-    losses = model(images, proposals, targets)
+    images, targets = _batch()
+    losses = model(images, targets)
     assert set(losses) == {"loss_cls", "loss_box_reg"} and all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     model.eval()
     with torch.no_grad():
-        dets = model(images, proposals)
+        dets = model(images, [{"proposals": t["proposals"]} for t in targets])
     assert len(dets) == 2
     for d, im in zip(dets, images):
         assert len(d["boxes"]) <= 100 and ((d["labels"] >= 1) & (d["labels"] <= 3)).all()
@@ -43,8 +44,8 @@ def test_every_table2_row_trains_and_detects(variant):
 def test_background_only_images_have_zero_box_loss():
     torch.manual_seed(0)
     model = FastRCNN(FastRCNNConfig(variant="fpn", **SMALL))
-    images, proposals, targets = _batch()
-    losses = model(images[1:], proposals[1:], targets[1:])
+    images, targets = _batch()
+    losses = model(images[1:], targets[1:])
     assert losses["loss_box_reg"].item() == 0.0 and losses["loss_cls"].item() > 0
 
 
@@ -52,10 +53,10 @@ def test_loss_falls_on_a_fixed_batch():
     torch.manual_seed(0)
     model = FastRCNN(FastRCNNConfig(variant="fpn", **SMALL), generator=torch.Generator().manual_seed(0))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    images, proposals, targets = _batch()
+    images, targets = _batch()
     first = None
     for _ in range(15):
-        loss = sum(model(images, proposals, targets).values())
+        loss = sum(model(images, targets).values())
         first = first if first is not None else loss.item()
         opt.zero_grad()
         loss.backward()
@@ -65,8 +66,8 @@ def test_loss_falls_on_a_fixed_batch():
 
 def test_mismatched_inputs_are_refused():
     model = FastRCNN(FastRCNNConfig(variant="c5_2fc", **SMALL))
-    images, proposals, targets = _batch()
-    with pytest.raises(ValueError, match="proposal sets"):
-        model(images, proposals[:1], targets)
+    images, targets = _batch()
+    with pytest.raises(ValueError, match="'proposals'"):
+        model(images, targets[:1])
     with pytest.raises(ValueError, match="unknown variant"):
         FastRCNN(FastRCNNConfig(variant="c6", **SMALL))

@@ -41,6 +41,11 @@ class Compose:
         return "Compose([" + ", ".join(map(repr, self.transforms)) + "])"
 
 
+# target entries holding xyxy boxes that follow the image through resize and flip: the ground
+# truth, and the fixed proposals a Fast R-CNN is trained on (Table 2)
+BOX_KEYS = ("boxes", "proposals")
+
+
 def _resized_hw(h: int, w: int, size: int, max_size: int | None) -> tuple[int, int]:
     scale = size / min(h, w)
     if max_size is not None and max(h, w) * scale > max_size:
@@ -76,8 +81,9 @@ class ResizeShorterSide:
             return image, None
         target = dict(target)
         sy, sx = nh / h, nw / w
-        if "boxes" in target:
-            target["boxes"] = target["boxes"] * target["boxes"].new_tensor([sx, sy, sx, sy])
+        for key in BOX_KEYS:
+            if key in target:
+                target[key] = target[key] * target[key].new_tensor([sx, sy, sx, sy])
         if "masks" in target:
             m = target["masks"]
             target["masks"] = (
@@ -112,9 +118,10 @@ class RandomHorizontalFlip:
             return image, None
         target = dict(target)
         w = image.shape[-1]
-        if "boxes" in target:
-            b = target["boxes"]
-            target["boxes"] = torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], dim=1)
+        for key in BOX_KEYS:
+            if key in target:
+                b = target[key]
+                target[key] = torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], dim=1)
         if "masks" in target:
             target["masks"] = target["masks"].flip(-1)
         return image, target

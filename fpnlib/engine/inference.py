@@ -24,7 +24,11 @@ def predict(model: nn.Module, dataset, batch_size: int = 4, device: str | torch.
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn, num_workers=workers)
     results = {}
     for images, targets in tqdm(loader, desc=desc, disable=not progress, unit="batch"):
-        outputs = model([im.to(device) for im in images])
+        images = [im.to(device) for im in images]
+        if getattr(model, "uses_proposals", False):  # Fast R-CNN on fixed proposals (Table 2)
+            outputs = model(images, [{"proposals": t["proposals"].to(device)} for t in targets])
+        else:
+            outputs = model(images)
         for out, tgt in zip(outputs, targets):
             out = {k: v.cpu() for k, v in out.items()}
             out["boxes"] = boxes_to_original(out["boxes"], tgt)

@@ -56,10 +56,13 @@ class FastRCNNConfig:
 class FastRCNN(nn.Module):
     """Backbone (+ neck) -> RoI features of given proposals -> head -> losses or detections.
 
-    ``forward(images, proposals, targets=None)``: ``proposals`` is one ``[P_i, 4]`` xyxy tensor
-    per image (image pixels). Training returns ``{"loss_cls", "loss_box_reg"}``; evaluation
-    returns per image ``{"boxes", "scores", "labels"}`` with labels in ``1..num_classes``.
+    ``forward(images, targets)``: each target carries ``"proposals"`` (``[P_i, 4]`` xyxy, image
+    pixels; ``fpnlib.data.proposals.WithProposals`` puts them there) and, in training, the
+    ground truth. Training returns ``{"loss_cls", "loss_box_reg"}``; evaluation returns per
+    image ``{"boxes", "scores", "labels"}`` with labels in ``1..num_classes``.
     """
+
+    uses_proposals = True  # ``fpnlib.engine.inference.predict`` passes the targets' proposals
 
     def __init__(self, cfg: FastRCNNConfig, generator: torch.Generator | None = None):
         super().__init__()
@@ -98,14 +101,13 @@ class FastRCNN(nn.Module):
         return pyramid_roi_features(maps, rois, self.strides, output_size=self.resolution, mode=self.cfg.pooler,
                                     sampling_ratio=self.cfg.sampling_ratio, levels=self.levels)
 
-    def forward(self, images: list[Tensor], proposals: list[Tensor], targets: list[dict] | None = None):
-        if len(images) != len(proposals):
-            raise ValueError(f"{len(images)} images but {len(proposals)} proposal sets")
+    def forward(self, images: list[Tensor], targets: list[dict]):
+        if len(images) != len(targets) or any("proposals" not in t for t in targets):
+            raise ValueError(f"{len(images)} images need as many targets, each with 'proposals'")
+        proposals = [t["proposals"] for t in targets]
         batch, hws = batch_images(images, self.cfg.size_divisible)
         maps = self._maps(batch)
         if self.training:
-            if targets is None:
-                raise ValueError("FastRCNN in training mode needs targets")
             sampled = [self._sample(p, t) for p, t in zip(proposals, targets)]
             rois = [s.rois for s in sampled]
             logits, deltas = self.predictor(self.head(self.roi_features(maps, rois)))
