@@ -26,6 +26,7 @@ from fpnlib.data.coco import load_coco_split
 from fpnlib.data.transforms import build_transforms
 from fpnlib.engine.inference import evaluate_proposals
 from fpnlib.engine.train import Schedule, derive_seed, train
+from fpnlib.experiments.tables import Claim, check_claims, render_table
 from fpnlib.modeling.anchors import count_anchors
 from fpnlib.modeling.detectors import build_rpn_detector
 
@@ -168,29 +169,14 @@ def render_table1(record: dict) -> str:
     """Markdown: each metric as ``ours / paper``; the paper's setting and ours stated below."""
     from fpnlib.reference import paper_rows, paper_tables
 
-    paper = paper_rows("table1_rpn")
-    letters = {v: k for k, v in ROWS.items()}
-    lines = ["| row | feature | # anchors (800x1000) ours / paper | " + " | ".join(f"{m} ours / paper" for m in METRICS) + " |",
-             "|---|---|---|" + "---|" * len(METRICS)]
-    for variant, row in record["rows"].items():
-        p = paper[PAPER_KEYS[variant]]
-        cells = [f"{row['metrics'][m]:.1f} / {p[m]:.1f}" for m in METRICS]
-        lines.append(f"| ({letters[variant]}) {variant} | {p['feature']} | {row['anchors_800x1000'] / 1000:.0f}k / {p['anchors']} | "
-                     + " | ".join(cells) + " |")
-    prov = record["provenance"]
-    lines += ["", f"Ours: preset `{prov['preset']}`, seed {prov['seed']}, commit `{prov['commit'][:12]}`, "
-              f"{prov['hardware'].get('gpu') or prov['hardware']['cpu']}, "
-              f"{sum(r['train_time_s'] for r in record['rows'].values()) / 60:.1f} min of training, "
-              f"{prov['date']}; the embedded val set, class-agnostic, pycocotools.",
-              f"Paper: {paper_tables()['setting']}", "", "Deviations from the paper:"]
-    lines += [f"- {k}: {v}" for k, v in record["deviations"].items()]
-    lines += ["", f"The paper's claims on our numbers (direction only; |difference| < {INCONCLUSIVE_BELOW} point: inconclusive):"]
-    lines += [f"- {c}" for c in claims(record)]
-    return "\n".join(lines)
+    extra = [("feature", lambda r, p: p["feature"]),
+             ("# anchors (800x1000) ours / paper", lambda r, p: f"{r['anchors_800x1000'] / 1000:.0f}k / {p['anchors']}")]
+    return render_table(record, paper_rows("table1_rpn"), PAPER_KEYS, {v: k for k, v in ROWS.items()}, METRICS, extra,
+                        paper_tables()["setting"], "the embedded val set, class-agnostic, pycocotools", claims(record))
 
 
-# The paper's headline comparisons in Table 1 (Sec. 5.1.1): (row, row, metric), the first
-# expected to be higher.
+# The paper's headline comparisons in Table 1 (Sec. 5.1.1): (row, row, metric, text), the
+# first row expected to be higher.
 CLAIMS = (
     ("fpn", "c4", "AR1k", "FPN beats the single-scale C4 RPN"),
     ("fpn", "c4", "AR1k_s", "FPN beats C4 on small objects (the paper: by 12.9 points)"),
@@ -200,46 +186,8 @@ CLAIMS = (
 )
 
 
-# Differences below this many AR points are called inconclusive: on a val split of a few
-# hundred objects, one object found or missed moves AR by about that much.
-INCONCLUSIVE_BELOW = 1.0
-
-
-@dataclass(frozen=True)
-class Claim:
-    """One claim with our two numbers and the paper's; the verdict compares directions only."""
-
-    text: str
-    metric: str
-    rows: tuple[str, str]
-    ours: tuple[float, float]
-    paper: tuple[float, float]
-
-    @property
-    def reproduced(self) -> bool:
-        return (self.ours[0] > self.ours[1]) == (self.paper[0] > self.paper[1])
-
-    @property
-    def verdict(self) -> str:
-        if abs(self.ours[0] - self.ours[1]) < INCONCLUSIVE_BELOW:
-            return "inconclusive"
-        return "reproduced" if self.reproduced else "NOT reproduced"
-
-    def __str__(self) -> str:
-        (a, b), (pa, pb) = self.ours, self.paper
-        verdict = self.verdict
-        return (f"{verdict:>14}: {self.text} — {self.metric} {self.rows[0]} vs {self.rows[1]}: "
-                f"ours {a:.1f} vs {b:.1f} ({a - b:+.1f}), paper {pa:.1f} vs {pb:.1f} ({pa - pb:+.1f})")
-
-
 def claims(record: dict) -> list[Claim]:
     """Table 1's claims checked on a ``run_table1`` record (rows missing from it are skipped)."""
     from fpnlib.reference import paper_rows
 
-    paper = paper_rows("table1_rpn")
-    out = []
-    for a, b, metric, text in CLAIMS:
-        if a in record["rows"] and b in record["rows"]:
-            ours = (record["rows"][a]["metrics"][metric], record["rows"][b]["metrics"][metric])
-            out.append(Claim(text, metric, (a, b), ours, (paper[PAPER_KEYS[a]][metric], paper[PAPER_KEYS[b]][metric])))
-    return out
+    return check_claims(record, CLAIMS, paper_rows("table1_rpn"), PAPER_KEYS)

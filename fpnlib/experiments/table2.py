@@ -1,0 +1,173 @@
+"""Table 2 of the paper: Fast R-CNN on a fixed set of proposals (Sec. 5.2.1).
+
+All six rows classify the same proposals, those of the FPN RPN of Table 1(c), computed once
+(``compute_fixed_proposals``) and read back from a file; the rows differ only in the maps the
+RoIs are pooled from and in the head (``fpnlib.modeling.fast_rcnn``). The embedded set's
+classes are told apart by shape, so AP measures what the paper's does: boxes of the right class.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from fpnlib.config import get_preset
+from fpnlib.data.coco import load_coco_split
+from fpnlib.data.proposals import WithProposals, load_proposals, save_proposals
+from fpnlib.data.transforms import build_transforms
+from fpnlib.engine.evaluate import box_ap
+from fpnlib.engine.inference import predict
+from fpnlib.engine.train import Schedule, derive_seed, train
+from fpnlib.experiments import table1
+from fpnlib.experiments.tables import Claim, check_claims, render_table
+from fpnlib.modeling.fast_rcnn import FastRCNN, FastRCNNConfig
+
+ROWS = {"a": "c4_conv5", "b": "c5_2fc", "c": "fpn", "d": "bottom_up", "e": "top_down_no_lateral", "f": "p2_only"}
+PAPER_KEYS = {"c4_conv5": "a_conv4", "c5_2fc": "b_conv5", "fpn": "c_fpn", "bottom_up": "d_bottom_up",
+              "top_down_no_lateral": "e_no_lateral", "p2_only": "f_finest_only"}
+METRICS = ("AP50", "AP", "AP_s", "AP_m", "AP_l")
+PROPOSALS_PER_IMAGE = {"train": 2000, "val": 1000}  # Detectron's FPN Fast R-CNN setting
+
+
+@dataclass(frozen=True)
+class FastRCNNBudget:
+    """``FastRCNNConfig`` overrides and the schedule of one preset's Table 2."""
+
+    model: dict
+    schedule: Schedule
+
+
+_SLIM = {k: v for k, v in table1.BUDGETS["cpu"].model.items() if k != "anchor_scale"}
+BUDGETS = {
+    "smoke": FastRCNNBudget(dict(_SLIM, hidden=128, batch_per_image=128),
+                            Schedule(iterations=200, batch_size=4, lr=0.02, warmup_iters=50, steps=(160,), checkpoint_every=100)),
+    "cpu": FastRCNNBudget(dict(_SLIM, hidden=512, batch_per_image=256),
+                          Schedule(iterations=1500, batch_size=4, lr=0.02, warmup_iters=200, steps=(1200,), checkpoint_every=250)),
+    "gpu": FastRCNNBudget(dict(table1.BUDGETS["gpu"].model, hidden=1024, batch_per_image=512),
+                          Schedule(iterations=18000, batch_size=8, lr=0.02, warmup_iters=500, steps=(13500,), checkpoint_every=1000)),
+    # Sec. 5.2.1: 16 images per mini-batch, 512 RoIs per image, lr 0.02 for 60k iterations, 0.002 for 20k
+    "paper": FastRCNNBudget(dict(depth=50, width=64, norm="frozen_bn", freeze_at=2, fpn_channels=256, hidden=1024,
+                                 batch_per_image=512),
+                            Schedule(iterations=80000, batch_size=16, lr=0.02, warmup_iters=500, steps=(60000,), checkpoint_every=2000)),
+}
+DEVIATIONS = {
+    "smoke": "slim ResNet-18 from scratch (as Table 1), 2fc of 128, 128 RoIs per image, 200 iterations",
+    "cpu": "slim ResNet-18 from scratch (as Table 1), 2fc of 512 instead of 1024, 256 RoIs per image",
+    "gpu": "ResNet-50 GroupNorm from scratch (as Table 1)",
+    "proposals": "the fixed proposals come from our Table 1(c) FPN RPN of the same preset",
+}
+
+
+def _sizes(preset: str) -> tuple[int, int]:
+    data = get_preset(preset).data
+    return (data.image_size, data.max_size) if data else (800, 1333)
+
+
+def compute_fixed_proposals(preset: str, data_root, rpn_run_dir, out_dir, seed: int = 0, device: str = "cpu",
+                            progress: bool = True) -> dict[str, Path]:
+    """Proposals of the trained FPN RPN (Table 1c) for the train and val splits, saved to
+    ``out_dir/proposals_{split}.pt`` (reused when present). Returns the two paths."""
+    from fpnlib.provenance import git_commit
+
+    paths = {}
+    min_size, max_size = _sizes(preset)
+    for split, n in PROPOSALS_PER_IMAGE.items():
+        path = Path(out_dir) / f"proposals_{split}.pt"
+        paths[split] = path
+        if path.exists():
+            continue
+        model = table1.load_row("fpn", preset, rpn_run_dir, seed=seed, device=device)
+        model.rpn.cfg = replace(model.rpn.cfg, post_nms_top_n_test=n)
+        ds = load_coco_split(data_root, split, transforms=build_transforms(False, min_size, max_size), with_masks=False)
+        out = predict(model, ds, device=device, progress=progress, desc=f"proposals {split}")
+        save_proposals(path, {i: (o["boxes"], o["scores"]) for i, o in out.items()}, rpn_checkpoint=str(rpn_run_dir),
+                       preset=preset, seed=seed, per_image=n, commit=git_commit())
+    return paths
+
+
+def _split(preset: str, data_root, split: str, proposals_path, train: bool) -> WithProposals:
+    min_size, max_size = _sizes(preset)
+    ds = load_coco_split(data_root, split, with_masks=False)
+    props, _ = load_proposals(proposals_path, image_ids=ds.ids)
+    return WithProposals(ds, props, transforms=build_transforms(train, min_size, max_size),
+                         max_proposals=PROPOSALS_PER_IMAGE[split])
+
+
+def build_row(variant: str, preset: str, num_classes: int, seed: int = 0) -> FastRCNN:
+    """The untrained Fast R-CNN of row ``variant`` under ``preset``'s budget (seeded init)."""
+    torch.manual_seed(derive_seed(seed, 1))
+    return FastRCNN(FastRCNNConfig(variant=variant, num_classes=num_classes, **BUDGETS[preset].model))
+
+
+def run_row(variant: str, preset: str, data_root, proposals: dict[str, Path], out_dir, seed: int = 0,
+            device: str = "cpu", iterations: int | None = None, progress: bool = True) -> dict:
+    """Train row ``variant`` on the fixed proposals (or load its finished checkpoint), then its
+    box AP on val (pycocotools)."""
+    schedule = BUDGETS[preset].schedule
+    if iterations is not None:
+        schedule = replace(schedule, iterations=iterations,
+                           steps=tuple(int(s * iterations / schedule.iterations) for s in schedule.steps))
+    train_set = _split(preset, data_root, "train", proposals["train"], train=True)
+    val_set = _split(preset, data_root, "val", proposals["val"], train=False)
+    model = build_row(variant, preset, train_set.dataset.num_classes, seed)
+    run = train(model, train_set, schedule, Path(out_dir), seed=seed, device=device, progress=progress,
+                description=f"Table 2 {variant}")
+    t1 = time.perf_counter()
+    dets = predict(model, val_set, device=device, progress=progress, desc="detections")
+    metrics = box_ap(val_set.coco, dets, val_set.dataset.label_to_cat_id)
+    return {"variant": variant, "metrics": metrics, "iterations": schedule.iterations, "lr": schedule.lr,
+            "train_time_s": round(run["train_time_s"], 1), "trained_from_iteration": run["resumed_from"],
+            "eval_time_s": round(time.perf_counter() - t1, 1)}
+
+
+def run_table2(preset: str, data_root, table1_runs, runs_dir, out_dir, seed: int = 0, device: str = "cpu",
+               variants=tuple(ROWS.values()), progress: bool = True, iterations: int | None = None) -> dict:
+    """Fixed proposals from Table 1(c), then every row; writes ``out_dir/table2.json`` after each
+    row and ``out_dir/table2.md`` at the end."""
+    from fpnlib.provenance import provenance
+
+    out_dir, runs_dir = Path(out_dir), Path(runs_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    proposals = compute_fixed_proposals(preset, data_root, Path(table1_runs) / "fpn", runs_dir, seed=seed,
+                                        device=device, progress=progress)
+    record = {"table": 2, "rows": {}, "proposals": {k: str(v) for k, v in proposals.items()},
+              "deviations": {k: v for k, v in DEVIATIONS.items() if k not in BUDGETS or k == preset},
+              "budget": {"model": BUDGETS[preset].model, "schedule": vars(BUDGETS[preset].schedule)}}
+    t0 = time.perf_counter()
+    for variant in variants:
+        record["rows"][variant] = run_row(variant, preset, data_root, proposals, runs_dir / variant, seed=seed,
+                                          device=device, iterations=iterations, progress=progress)
+        record["provenance"] = provenance(preset, seed, time.perf_counter() - t0, device=str(device))
+        (out_dir / "table2.json").write_text(json.dumps(record, indent=1, default=list) + "\n")
+    (out_dir / "table2.md").write_text(render_table2(record) + "\n")
+    return record
+
+
+CLAIMS = (
+    ("fpn", "c4_conv5", "AP", "FPN's 2fc head beats the conv5 head on C4 (the paper: +2.0 AP)"),
+    ("fpn", "c4_conv5", "AP_s", "FPN helps small objects most (the paper: +2.1 AP_s)"),
+    ("fpn", "c5_2fc", "AP", "FPN beats the same 2fc head on C5"),
+    ("fpn", "bottom_up", "AP", "the top-down pathway matters (FPN vs bottom-up pyramid)"),
+    ("fpn", "top_down_no_lateral", "AP", "lateral connections matter (FPN vs no lateral)"),
+    ("fpn", "p2_only", "AP", "the pyramid beats P2 alone (the paper: only by 0.5 AP)"),
+)
+
+
+def claims(record: dict) -> list[Claim]:
+    """Table 2's claims checked on a ``run_table2`` record."""
+    from fpnlib.reference import paper_rows
+
+    return check_claims(record, CLAIMS, paper_rows("table2_fast_rcnn_fixed_proposals"), PAPER_KEYS)
+
+
+def render_table2(record: dict) -> str:
+    """Markdown: each metric as ``ours / paper``, with provenance, deviations and claims."""
+    from fpnlib.reference import paper_rows, paper_tables
+
+    extra = [("feature", lambda r, p: p["feature"]), ("head", lambda r, p: p["head"])]
+    return render_table(record, paper_rows("table2_fast_rcnn_fixed_proposals"), PAPER_KEYS,
+                        {v: k for k, v in ROWS.items()}, METRICS, extra, paper_tables()["setting"],
+                        "the embedded val set, box AP by pycocotools", claims(record))
