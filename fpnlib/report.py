@@ -53,7 +53,24 @@ def render_table1_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") ->
     return render_table1(json.loads(path.read_text()))
 
 
-BLOCKS = {"data": render_data_block, "table1": render_table1_block}
+def render_figure1_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> str:
+    """Fig. 1's four architectures measured (notebook 01): time and activation memory."""
+    path = Path(results_dir) / preset / "figure1.json"
+    if not path.exists():
+        return f"_No recorded Figure 1 measurement yet: run `make reproduce` (writes `{path.relative_to(REPO_ROOT)}`)._"
+    rec = json.loads(path.read_text())
+    res, net = rec["results"], rec["network"]
+    rows = ["| | architecture | maps | one forward pass (ms) | activations (MB) |", "|---|---|---|---|---|"]
+    rows += [f"| ({a}) | {r['name']} | {len(r['maps'])} | {1000 * r['time_s']:.0f} | {r['memory_mb']:.0f} |"
+             for a, r in res.items()]
+    rows += ["", f"ResNet-{net['depth']} (width {net['width']}), d = {net['fpn_channels']}, a {rec['image_hw'][0]}x"
+             f"{rec['image_hw'][1]} image, (a) at scales {rec['scales_of_a']}, median of {rec['repeats']}, "
+             f"{rec['provenance']['threads']} threads; memory: {next(iter(res.values()))['memory_kind']}. "
+             f"From `results/{preset}/figure1.json` ({_provenance_line(rec['provenance'])})."]
+    return "\n".join(rows)
+
+
+BLOCKS = {"data": render_data_block, "figure1": render_figure1_block, "table1": render_table1_block}
 
 
 def render_readme(text: str, results_dir: Path = RESULTS_DIR) -> str:
