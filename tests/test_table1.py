@@ -44,5 +44,5 @@ def test_claims_skip_missing_rows_and_render_shows_both_columns():
     rec = _record({"fpn": 40.0, "c4": 30.0})
     assert [c.rows for c in claims(rec)] == [("fpn", "c4"), ("fpn", "c4")]
     md = render_table1(rec)
-    assert "| (c) fpn | Pk | 200k / 200k | 40.0 / 44.0 | 40.0 / 56.3 |" in md
+    assert "| (c) fpn | Pk | 200k / 200k | nan | 40.0 / 44.0 | 40.0 / 56.3 |" in md
     assert "reproduced: FPN beats the single-scale C4 RPN" in md

@@ -100,6 +100,13 @@ def load_row(variant: str, preset: str, run_dir, seed: int = 0, device: str = "c
     return model.to(device).eval()
 
 
+def _final_losses(log_path: Path) -> dict:
+    """The last logged losses of a run: a row whose objectness loss stayed high did not train."""
+    lines = log_path.read_text().splitlines() if log_path.exists() else []
+    last = json.loads(lines[-1]) if lines else {}
+    return {k: round(v, 4) for k, v in last.items() if k.startswith("loss")}
+
+
 def run_row(variant: str, preset: str, data_root, out_dir, seed: int = 0, device: str = "cpu",
             iterations: int | None = None, progress: bool = True, workers: int = 0) -> dict:
     """Train row ``variant`` (or load its finished checkpoint) and evaluate its proposals on val.
@@ -130,6 +137,7 @@ def run_row(variant: str, preset: str, data_root, out_dir, seed: int = 0, device
         "iterations": schedule.iterations,
         "lr": schedule.lr,
         "train_time_s": round(run["train_time_s"], 1),  # all sessions, also when loaded from a checkpoint
+        "final_losses": _final_losses(Path(out_dir) / "log.jsonl"),
         "trained_from_iteration": run["resumed_from"],
         "eval_time_s": round(time.perf_counter() - t1, 1),
     }
@@ -170,7 +178,9 @@ def render_table1(record: dict) -> str:
     from fpnlib.reference import paper_rows, paper_tables
 
     extra = [("feature", lambda r, p: p["feature"]),
-             ("# anchors (800x1000) ours / paper", lambda r, p: f"{r['anchors_800x1000'] / 1000:.0f}k / {p['anchors']}")]
+             ("# anchors (800x1000) ours / paper", lambda r, p: f"{r['anchors_800x1000'] / 1000:.0f}k / {p['anchors']}"),
+             # a row that did not train shows here, before its AR is read as a property of its maps
+             ("final objectness loss", lambda r, p: f"{r.get('final_losses', {}).get('loss_objectness', float('nan')):.3f}")]
     return render_table(record, paper_rows("table1_rpn"), PAPER_KEYS, {v: k for k, v in ROWS.items()}, METRICS, extra,
                         paper_tables()["setting"], "the embedded val set, class-agnostic, pycocotools", claims(record))
 
