@@ -174,3 +174,12 @@ def test_sigterm_saves_a_checkpoint(tmp_path):
     assert proc.returncode != 0  # the run stopped; it did not finish 10k iterations
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert 6 <= state["iteration"] < 10_000
+
+
+def test_shortened_schedule_keeps_step_fractions():
+    from fpnlib.engine.train import shortened
+
+    s = Schedule(iterations=1000, steps=(800,))
+    assert shortened(s, None) is s
+    short = shortened(s, 10)
+    assert (short.iterations, short.steps, short.lr) == (10, (8,), s.lr)

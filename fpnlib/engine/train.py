@@ -25,7 +25,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,14 @@ class Schedule:
     gamma: float = 0.1
     checkpoint_every: int = 500
     log_every: int = 10
+
+
+def shortened(s: Schedule, iterations: int | None) -> Schedule:
+    """``s`` cut to ``iterations`` with its lr steps at the same fractions (quick test runs);
+    ``None`` keeps ``s``."""
+    if iterations is None:
+        return s
+    return replace(s, iterations=iterations, steps=tuple(int(step * iterations / s.iterations) for step in s.steps))
 
 
 def learning_rate(it: int, s: Schedule) -> float:

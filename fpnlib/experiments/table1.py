@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from fpnlib.config import get_preset
 from fpnlib.data.coco import load_coco_split
 from fpnlib.data.transforms import build_transforms
 from fpnlib.engine.inference import evaluate_proposals
-from fpnlib.engine.train import Schedule, derive_seed, train
+from fpnlib.engine.train import Schedule, derive_seed, shortened, train
 from fpnlib.experiments.tables import Claim, check_claims, render_table
 from fpnlib.modeling.anchors import count_anchors
 from fpnlib.modeling.detectors import build_rpn_detector
@@ -115,10 +115,7 @@ def run_row(variant: str, preset: str, data_root, out_dir, seed: int = 0, device
     800x1000 image (the paper's "# anchors" column) and timing.
     """
     budget = BUDGETS[preset]
-    schedule = budget.schedule
-    if iterations is not None:
-        schedule = replace(schedule, iterations=iterations, steps=tuple(int(s * iterations / schedule.iterations)
-                                                                       for s in schedule.steps))
+    schedule = shortened(budget.schedule, iterations)
     size = get_preset(preset).data
     min_size, max_size = (size.image_size, size.max_size) if size else (800, 1333)
     train_set = load_coco_split(data_root, "train", transforms=build_transforms(True, min_size, max_size),

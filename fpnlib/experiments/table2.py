@@ -20,7 +20,7 @@ from fpnlib.data.proposals import WithProposals, load_proposals, save_proposals
 from fpnlib.data.transforms import build_transforms
 from fpnlib.engine.evaluate import box_ap
 from fpnlib.engine.inference import predict
-from fpnlib.engine.train import Schedule, derive_seed, train
+from fpnlib.engine.train import Schedule, derive_seed, shortened, train
 from fpnlib.experiments import table1
 from fpnlib.experiments.tables import Claim, check_claims, render_table
 from fpnlib.modeling.fast_rcnn import FastRCNN, FastRCNNConfig
@@ -106,10 +106,7 @@ def run_row(variant: str, preset: str, data_root, proposals: dict[str, Path], ou
             device: str = "cpu", iterations: int | None = None, progress: bool = True) -> dict:
     """Train row ``variant`` on the fixed proposals (or load its finished checkpoint), then its
     box AP on val (pycocotools)."""
-    schedule = BUDGETS[preset].schedule
-    if iterations is not None:
-        schedule = replace(schedule, iterations=iterations,
-                           steps=tuple(int(s * iterations / schedule.iterations) for s in schedule.steps))
+    schedule = shortened(BUDGETS[preset].schedule, iterations)
     train_set = _split(preset, data_root, "train", proposals["train"], train=True)
     val_set = _split(preset, data_root, "val", proposals["val"], train=False)
     model = build_row(variant, preset, train_set.dataset.num_classes, seed)
