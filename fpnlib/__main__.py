@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from fpnlib.config import PRESETS
+from fpnlib.experiments import TABLES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,15 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ann_file")
     p.add_argument("--images", default=None, help="image folder (to count grayscale images)")
 
-    p = verbs.add_parser("reproduce", help="data, statistics and every lesson notebook under a preset")
+    p = verbs.add_parser("reproduce", help="data, statistics, the tables and every lesson notebook under a preset")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--tables", type=int, nargs="*", choices=list(TABLES), default=None,
+                   help=f"tables to run (default: all of {list(TABLES)}); trained rows are reused")
     p.add_argument("--workers", type=int, default=2)
 
     p = verbs.add_parser("table", help="regenerate one of the paper's tables beside the paper's numbers")
-    p.add_argument("number", type=int, choices=[1], help="table number (more tables as their models land)")
+    p.add_argument("number", type=int, choices=list(TABLES), help="table number (Table 4 is the paper's own)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--out", default=None, help="results folder (default: results/<preset>)")
-    p.add_argument("--runs", default=None, help="checkpoints folder (default: runs/<preset>/table<N>)")
+    p.add_argument("--runs", default=None, help="checkpoints root (default: runs/<preset>; table N uses <root>/tableN)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
 
@@ -71,18 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     elif args.verb == "reproduce":
         from fpnlib.reproduce import reproduce
 
-        times = reproduce(args.preset, workers=args.workers)
+        times = reproduce(args.preset, workers=args.workers, tables=args.tables)
         print(json.dumps({k: round(v, 1) for k, v in times.items()}, indent=1))
     elif args.verb == "table":
         from fpnlib.data.prepare import ensure_dataset
-        from fpnlib.experiments.table1 import run_table1
+        from fpnlib.experiments import run_table
         from fpnlib.provenance import REPO_ROOT
         from fpnlib.report import RESULTS_DIR
 
         out = args.out or RESULTS_DIR / args.preset
-        runs = args.runs or REPO_ROOT / "runs" / args.preset / f"table{args.number}"
+        runs = args.runs or REPO_ROOT / "runs" / args.preset
         root = ensure_dataset(args.preset)
-        run_table1(args.preset, root, runs, out, seed=args.seed, device=args.device)
+        run_table(args.number, args.preset, root, runs, out, seed=args.seed, device=args.device)
         print((Path(out) / f"table{args.number}.md").read_text())
     elif args.verb == "report":
         from fpnlib.report import README, update_readme

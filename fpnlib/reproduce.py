@@ -1,8 +1,8 @@
 """The instructors' path: everything of one preset, unattended.
 
 ``python -m fpnlib reproduce --preset cpu`` (``make reproduce``) generates the embedded data
-set, records its statistics, regenerates the paper's tables (Table 1 so far; trained rows are
-reused from ``runs/<preset>/``), then executes the lesson notebooks in order with papermill,
+set, records its statistics, regenerates the paper's tables (``fpnlib.experiments.TABLES``; trained
+rows are reused from ``runs/<preset>/``), then executes the lesson notebooks in order with papermill,
 in place, so the committed notebooks, ``figures/`` and ``results/<preset>/`` all come from
 one recorded run.
 """
@@ -40,6 +40,24 @@ def write_data_statistics(preset: str, root: Path, results_dir: Path, seed: int,
     return out
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def strip_widget_state(path: Path) -> None:
+    """Drop the widget state papermill saves (tqdm bars are widgets in a kernel): it is large,
+    useless without the kernel, and a committed notebook must stay small. A widget output keeps
+    its plain-text form (the bar's final line)."""
+    nb = json.loads(Path(path).read_text())
+    nb.get("metadata", {}).pop("widgets", None)
+    for cell in nb.get("cells", []):
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            if WIDGET_VIEW in data:
+                data.pop(WIDGET_VIEW)
+                data.setdefault("text/plain", "")
+    Path(path).write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+
+
 def execute_notebook(path: Path, parameters: dict, out_path: Path | None = None,
                      cell_timeout: int | None = 1800) -> Path:
     """Run one notebook with papermill (kernel: this interpreter's ``python3``); a cell that
@@ -50,12 +68,13 @@ def execute_notebook(path: Path, parameters: dict, out_path: Path | None = None,
     pm.execute_notebook(str(path), str(out_path), parameters=parameters, kernel_name="python3",
                         cwd=str(Path(path).parent), progress_bar=False,
                         execution_timeout=cell_timeout)
+    strip_widget_state(out_path)
     return out_path
 
 
 def reproduce(preset: str = "cpu", workers: int = 2, results_dir: Path = RESULTS_DIR,
-              notebooks: list[Path] | None = None) -> dict:
-    """Data, statistics, Table 1, then every lesson notebook under ``preset``; returns wall times."""
+              notebooks: list[Path] | None = None, tables=None) -> dict:
+    """Data, statistics, the tables, then every lesson notebook under ``preset``; returns wall times."""
     from tqdm.auto import tqdm
 
     times = {}
@@ -65,14 +84,16 @@ def reproduce(preset: str = "cpu", workers: int = 2, results_dir: Path = RESULTS
     # the generation's own time (the set may have been made by an earlier run and reused)
     write_data_statistics(preset, root, results_dir, seed=get_preset(preset).data.seed if get_preset(preset).data else 0,
                           wall_time_s=generation_time(root))
-    from fpnlib.experiments.table1 import run_table1
-
-    t = time.perf_counter()
     import torch
 
-    run_table1(preset, root, REPO_ROOT / "runs" / preset / "table1", Path(results_dir) / preset,
-               device="cuda" if torch.cuda.is_available() else "cpu", seed=get_preset(preset).data.seed if get_preset(preset).data else 0)
-    times["table1"] = time.perf_counter() - t
+    from fpnlib.experiments import TABLES, run_table
+
+    seed = get_preset(preset).data.seed if get_preset(preset).data else 0
+    for number in TABLES if tables is None else tables:
+        t = time.perf_counter()
+        run_table(number, preset, root, REPO_ROOT / "runs" / preset, Path(results_dir) / preset, seed=seed,
+                  device="cuda" if torch.cuda.is_available() else "cpu")
+        times[f"table{number}"] = time.perf_counter() - t
     for nb in tqdm(notebooks or lesson_notebooks(), desc=f"notebooks ({preset})", unit="nb"):
         t = time.perf_counter()
         execute_notebook(nb, {"preset": preset})

@@ -133,3 +133,21 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 90) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     return path
+
+
+def plot_table_bars(record: dict, paper: dict[str, dict], paper_keys: dict[str, str], metrics: Sequence[str],
+                    ylabel: str) -> Figure:
+    """A results table as bars: ours (filled) beside the paper's (hatched), one panel per metric."""
+    rows = list(record["rows"])
+    fig = Figure(figsize=(2.6 * len(metrics), 2.8), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(metrics), sharey=True))
+    x = np.arange(len(rows))
+    for ax, m in zip(axes, metrics):
+        ax.bar(x - 0.2, [record["rows"][r]["metrics"][m] for r in rows], 0.4, label="ours", color="#4c72b0")
+        ax.bar(x + 0.2, [paper[paper_keys[r]][m] for r in rows], 0.4, label="paper", color="white",
+               edgecolor="#999999", hatch="//")
+        ax.set_xticks(x, rows, rotation=60, fontsize=7, ha="right")
+        ax.set_title(m, fontsize=9)
+    axes[0].set_ylabel(ylabel)
+    axes[0].legend(fontsize=7)
+    return fig

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from fpnlib.viz import _rect, to_numpy_image
+from fpnlib.viz import _rect, plot_table_bars, to_numpy_image
 
 LEVEL_COLOURS = ["#e41a1c", "#ff7f00", "#4daf4a", "#377eb8", "#984ea3"]  # finest -> coarsest
 
@@ -63,16 +63,4 @@ def plot_proposals_by_level(image, boxes, levels, level_names: Sequence[str], gt
 def plot_table1(record: dict, paper: dict[str, dict], paper_keys: dict[str, str],
                 metrics: Sequence[str] = ("AR1k", "AR1k_s", "AR1k_m", "AR1k_l")) -> Figure:
     """Table 1 as bars: ours (filled) beside the paper's (hatched), one panel per metric."""
-    rows = list(record["rows"])
-    fig = Figure(figsize=(2.6 * len(metrics), 2.8), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(metrics), sharey=True))
-    x = np.arange(len(rows))
-    for ax, m in zip(axes, metrics):
-        ax.bar(x - 0.2, [record["rows"][r]["metrics"][m] for r in rows], 0.4, label="ours", color="#4c72b0")
-        ax.bar(x + 0.2, [paper[paper_keys[r]][m] for r in rows], 0.4, label="paper", color="white",
-               edgecolor="#999999", hatch="//")
-        ax.set_xticks(x, rows, rotation=60, fontsize=7, ha="right")
-        ax.set_title(m, fontsize=9)
-    axes[0].set_ylabel("AR (%)")
-    axes[0].legend(fontsize=7)
-    return fig
+    return plot_table_bars(record, paper, paper_keys, metrics, "AR (%)")

@@ -18,11 +18,16 @@ EXPECTED_FIGURES = {
     "02_top_down_lateral.ipynb": ["02_pyramid_levels.png", "02_merge_block.png", "02_ablation_dependencies.png"],
     "03_anchors.ipynb": ["03_cell_anchors.png", "03_anchor_grids.png", "03_positives_per_level.png", "03_uncovered_gts.png"],
     "04_rpn_table1.ipynb": ["04_fpn_losses.png", "04_proposals_by_level.png", "04_table1.png", "04_table1_losses.png"],
+    "05_fast_rcnn_table2.ipynb": ["05_eq1.png", "05_roi_levels.png", "05_roi_features.png", "05_table2.png",
+                                  "05_detections.png"],
+    "06_faster_rcnn_tables3_5.ipynb": ["06_losses.png", "06_table3.png", "06_table5.png", "06_detections.png"],
 }
 # Notebooks that write results (and checkpoints) get folders inside the test's tmp_path; the
 # training one trains briefly: learning itself is tested by test_learning.py, here only that
 # the lesson runs end to end.
-WRITERS = {"01_bottom_up.ipynb": {"repeats": 2}, "04_rpn_table1.ipynb": {"iterations": 10, "runs_dir": "runs"}}
+WRITERS = {"01_bottom_up.ipynb": {"repeats": 2}, "04_rpn_table1.ipynb": {"iterations": 10, "runs_dir": "runs"},
+           "05_fast_rcnn_table2.ipynb": {"iterations": 5, "runs_dir": "runs"},
+           "06_faster_rcnn_tables3_5.ipynb": {"iterations": 5, "runs_dir": "runs"}}
 NOTEBOOKS = lesson_notebooks()
 
 
@@ -64,3 +69,34 @@ def test_notebook_runs_under_smoke(notebook, tmp_path, smoke_root):
         assert all(r["iterations"] == WRITERS[notebook.name]["iterations"] for r in record["rows"].values())
         md = (tmp_path / "results" / "smoke" / "table1.md").read_text()
         assert "| AR1k ours / paper |" in md and md.count("\n| (") == 6  # a line per row
+    if notebook.name == "05_fast_rcnn_table2.ipynb":  # Table 2: six rows on the saved proposals
+        record = json.loads((tmp_path / "results" / "smoke" / "table2.json").read_text())
+        assert len(record["rows"]) == 6 and (tmp_path / "runs" / "smoke" / "table2" / "proposals_val.pt").exists()
+    if notebook.name == "06_faster_rcnn_tables3_5.ipynb":  # Tables 3 and 5 from the same runs
+        t3 = json.loads((tmp_path / "results" / "smoke" / "table3.json").read_text())
+        t5 = json.loads((tmp_path / "results" / "smoke" / "table5.json").read_text())
+        assert list(t3["rows"]) == ["c4_conv5", "c5_2fc", "fpn"] and set(t5["rows"]) == {"no_share", "share"}
+        assert t5["rows"]["no_share"]["metrics"]["AP"] == t3["rows"]["fpn"]["metrics"]["AP"]
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_notebook_is_small_and_has_no_widget_state(notebook):
+    nb = json.loads(notebook.read_text())
+    assert notebook.stat().st_size < 2_000_000, f"{notebook.name} is over 2 MB"
+    assert "widgets" not in nb["metadata"], f"{notebook.name} carries a widget state dump"
+    views = [o for c in nb["cells"] for o in c.get("outputs", []) if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert not views, f"{notebook.name} has {len(views)} widget outputs that render nowhere without a kernel"
+
+
+def test_strip_widget_state_removes_dumps_and_keeps_text(tmp_path):
+    from fpnlib.reproduce import WIDGET_VIEW, strip_widget_state
+
+    path = tmp_path / "nb.ipynb"
+    path.write_text(json.dumps({"metadata": {"widgets": {"state": {"x": 1}}}, "nbformat": 4, "nbformat_minor": 5,
+                                "cells": [{"cell_type": "code", "source": "", "metadata": {}, "execution_count": 1,
+                                           "outputs": [{"output_type": "display_data", "metadata": {},
+                                                        "data": {WIDGET_VIEW: {"model_id": "x"}, "text/plain": "bar 100%"}}]}]}))
+    strip_widget_state(path)
+    nb = json.loads(path.read_text())
+    assert "widgets" not in nb["metadata"]
+    assert nb["cells"][0]["outputs"][0]["data"] == {"text/plain": "bar 100%"}

@@ -295,7 +295,9 @@ def segment_proposal_recall(coco_gt: COCO, proposals: Mapping[int, tuple[Any, An
         sc = _scores(scores, len(rles), f"image {img_id}")
         if not rles:
             continue
-        areas = mask_utils.area(rles).tolist()
+        # one RLE at a time: pycocotools' area() of a list of more than 255 RLEs overflows under
+        # NumPy 2 (its output array is made uint8), and Table 6 has 1000 proposals per image
+        areas = [float(mask_utils.area(r)) for r in rles]
         bbs = mask_utils.toBbox(rles).tolist()
         for r, s, a, bb in zip(rles, sc.tolist(), areas, bbs):
             anns.append({"image_id": int(img_id), "category_id": cat, "segmentation": r,

@@ -1,1 +1,32 @@
-"""The paper's experiments, one module per table: rows as configurations, results with provenance."""
+"""The paper's experiments, one module per table: rows as configurations, results with provenance.
+
+``run_table(n, …)`` runs table ``n`` with the folder conventions the CLI, ``reproduce`` and the
+notebooks share: checkpoints in ``runs_root/table<n>/<row>``, results in ``out_dir/table<n>.json|md``.
+Tables 2 and 5 build on earlier runs (2 on Table 1's FPN RPN, 5 on Table 3's FPN detector), found
+in the same ``runs_root`` (and trained there first if missing).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+TABLES = (1, 2, 3, 5)  # Table 4 is the paper's COCO comparison; it is shown, not run
+
+
+def run_table(number: int, preset: str, data_root, runs_root, out_dir, seed: int = 0, device: str = "cpu",
+              progress: bool = True, iterations: int | None = None) -> dict:
+    """Run Table ``number`` under ``preset``; returns its record (also written to ``out_dir``)."""
+    runs_root = Path(runs_root)
+    common = dict(seed=seed, device=device, progress=progress, iterations=iterations)
+    if number == 1:
+        from .table1 import run_table1
+        return run_table1(preset, data_root, runs_root / "table1", out_dir, **common)
+    if number == 2:
+        from .table2 import run_table2
+        return run_table2(preset, data_root, runs_root / "table1", runs_root / "table2", out_dir, **common)
+    if number == 3:
+        from .table3 import run_table3
+        return run_table3(preset, data_root, runs_root / "table3", out_dir, **common)
+    if number == 5:
+        from .table5 import run_table5
+        return run_table5(preset, data_root, runs_root / "table3", runs_root / "table5", out_dir, **common)
+    raise ValueError(f"no runnable Table {number}; choose one of {TABLES}")

@@ -41,23 +41,49 @@ class FastRCNNBudget:
 
 
 _SLIM = {k: v for k, v in table1.BUDGETS["cpu"].model.items() if k != "anchor_scale"}
+
+
+def _canonical(preset: str) -> float:
+    """Eq. (1)'s 224 scaled like the preset's anchors (Table 1's ``anchor_scale``): the RoI of the
+    canonical size then still lands on P4 in images smaller than the paper's 800 px."""
+    return 224.0 * table1.BUDGETS[preset].model["anchor_scale"]
+
+
 BUDGETS = {
-    "smoke": FastRCNNBudget(dict(_SLIM, hidden=128, batch_per_image=128),
+    "smoke": FastRCNNBudget(dict(_SLIM, hidden=128, batch_per_image=128, canonical_size=_canonical("smoke")),
                             Schedule(iterations=200, batch_size=4, lr=0.02, warmup_iters=50, steps=(160,), checkpoint_every=100)),
-    "cpu": FastRCNNBudget(dict(_SLIM, hidden=512, batch_per_image=256),
+    "cpu": FastRCNNBudget(dict(_SLIM, hidden=512, batch_per_image=256, canonical_size=_canonical("cpu")),
                           Schedule(iterations=1500, batch_size=4, lr=0.02, warmup_iters=200, steps=(1200,), checkpoint_every=250)),
-    "gpu": FastRCNNBudget(dict(table1.BUDGETS["gpu"].model, hidden=1024, batch_per_image=512),
+    "gpu": FastRCNNBudget(dict({k: v for k, v in table1.BUDGETS["gpu"].model.items() if k != "anchor_scale"},
+                               hidden=1024, batch_per_image=512, canonical_size=_canonical("gpu")),
                           Schedule(iterations=18000, batch_size=8, lr=0.02, warmup_iters=500, steps=(13500,), checkpoint_every=1000)),
     # Sec. 5.2.1: 16 images per mini-batch, 512 RoIs per image, lr 0.02 for 60k iterations, 0.002 for 20k
     "paper": FastRCNNBudget(dict(depth=50, width=64, norm="frozen_bn", freeze_at=2, fpn_channels=256, hidden=1024,
                                  batch_per_image=512),
                             Schedule(iterations=80000, batch_size=16, lr=0.02, warmup_iters=500, steps=(60000,), checkpoint_every=2000)),
 }
+# The conv5 head runs ResNet's whole conv5 stage on every RoI: on 2 CPU cores that cost ~8 s per
+# iteration at 4 x 128 RoIs (measured on the smoke budget), some 50x the 2fc head, and ~5 s per image
+# at test with 1000 proposals. On the CPU presets that row gets 32 RoIs per image in training and
+# 300 proposals at test (Faster R-CNN's own test count); the 2fc rows keep the full counts.
+CONV5_ON_CPU = {"batch_per_image": 32, "test_proposals": 300}
+CPU_PRESETS = ("smoke", "cpu")
+
+
+def light_conv5(variant: str, preset: str) -> dict:
+    """``CONV5_ON_CPU`` for the conv5-head row of a CPU preset, else nothing."""
+    return CONV5_ON_CPU if variant == "c4_conv5" and preset in CPU_PRESETS else {}
+
+
 DEVIATIONS = {
     "smoke": "slim ResNet-18 from scratch (as Table 1), 2fc of 128, 128 RoIs per image, 200 iterations",
     "cpu": "slim ResNet-18 from scratch (as Table 1), 2fc of 512 instead of 1024, 256 RoIs per image",
     "gpu": "ResNet-50 GroupNorm from scratch (as Table 1)",
     "proposals": "the fixed proposals come from our Table 1(c) FPN RPN of the same preset",
+    "conv5_on_cpu": "smoke/cpu: the conv5-head row trains on 32 RoIs per image and is tested on 300 proposals "
+                    "(``CONV5_ON_CPU``: the conv5 stage per RoI is too slow for a CPU otherwise)",
+    "canonical_size": "Eq. (1)'s 224 is scaled with the anchors (112 at 320 px images), so that RoIs spread "
+                      "over P2..P5 as they do at 800 px",
 }
 
 
@@ -88,18 +114,20 @@ def compute_fixed_proposals(preset: str, data_root, rpn_run_dir, out_dir, seed: 
     return paths
 
 
-def _split(preset: str, data_root, split: str, proposals_path, train: bool) -> WithProposals:
+def split_with_proposals(preset: str, data_root, split: str, proposals_path, train: bool, max_proposals: int | None = None
+           ) -> WithProposals:
     min_size, max_size = _sizes(preset)
     ds = load_coco_split(data_root, split, with_masks=False)
     props, _ = load_proposals(proposals_path, image_ids=ds.ids)
     return WithProposals(ds, props, transforms=build_transforms(train, min_size, max_size),
-                         max_proposals=PROPOSALS_PER_IMAGE[split])
+                         max_proposals=max_proposals or PROPOSALS_PER_IMAGE[split])
 
 
 def build_row(variant: str, preset: str, num_classes: int, seed: int = 0) -> FastRCNN:
     """The untrained Fast R-CNN of row ``variant`` under ``preset``'s budget (seeded init)."""
     torch.manual_seed(derive_seed(seed, 1))
-    return FastRCNN(FastRCNNConfig(variant=variant, num_classes=num_classes, **BUDGETS[preset].model))
+    light = {k: v for k, v in light_conv5(variant, preset).items() if k != "test_proposals"}
+    return FastRCNN(FastRCNNConfig(variant=variant, num_classes=num_classes, **dict(BUDGETS[preset].model, **light)))
 
 
 def run_row(variant: str, preset: str, data_root, proposals: dict[str, Path], out_dir, seed: int = 0,
@@ -107,8 +135,9 @@ def run_row(variant: str, preset: str, data_root, proposals: dict[str, Path], ou
     """Train row ``variant`` on the fixed proposals (or load its finished checkpoint), then its
     box AP on val (pycocotools)."""
     schedule = shortened(BUDGETS[preset].schedule, iterations)
-    train_set = _split(preset, data_root, "train", proposals["train"], train=True)
-    val_set = _split(preset, data_root, "val", proposals["val"], train=False)
+    train_set = split_with_proposals(preset, data_root, "train", proposals["train"], train=True)
+    val_set = split_with_proposals(preset, data_root, "val", proposals["val"], train=False,
+                     max_proposals=light_conv5(variant, preset).get("test_proposals"))
     model = build_row(variant, preset, train_set.dataset.num_classes, seed)
     run = train(model, train_set, schedule, Path(out_dir), seed=seed, device=device, progress=progress,
                 description=f"Table 2 {variant}")

@@ -50,15 +50,20 @@ def check_claims(record: dict, specs: Sequence[tuple[str, str, str, str]], paper
 
 def render_table(record: dict, paper: dict[str, dict], paper_keys: dict[str, str], letters: dict[str, str],
                  metrics: Sequence[str], extra: Sequence[tuple[str, Callable[[dict, dict], str]]],
-                 setting: str, what: str, claims: Sequence[Claim]) -> str:
+                 setting: str, what: str, claims: Sequence[Claim], paper_only: Sequence[tuple[str, str]] = ()) -> str:
     """Markdown: a row per variant with ``extra`` columns (header, fn(our row, paper row)) and
-    each metric as ``ours / paper``; provenance, the paper's setting, deviations and claims below."""
+    each metric as ``ours / paper``; provenance, the paper's setting, deviations and claims below.
+    ``paper_only``: (label, paper key) rows the paper reports and we do not run, shown as "— / paper"."""
     lines = ["| row | " + " | ".join(h for h, _ in extra) + " | " + " | ".join(f"{m} ours / paper" for m in metrics) + " |",
              "|---|" + "---|" * (len(extra) + len(metrics))]
     for variant, row in record["rows"].items():
         p = paper[paper_keys[variant]]
         cells = [fn(row, p) for _, fn in extra] + [f"{row['metrics'][m]:.1f} / {p[m]:.1f}" for m in metrics]
         lines.append(f"| ({letters[variant]}) {variant} | " + " | ".join(cells) + " |")
+    for label, key in paper_only:
+        p = paper[key]
+        cells = [fn(None, p) for _, fn in extra] + [f"— / {p[m]:.1f}" if p[m] is not None else "— / —" for m in metrics]
+        lines.append(f"| {label} (paper only) | " + " | ".join(cells) + " |")
     prov = record["provenance"]
     lines += ["", f"Ours: preset `{prov['preset']}`, seed {prov['seed']}, commit `{prov['commit'][:12]}`, "
               f"{prov['hardware'].get('gpu') or prov['hardware']['cpu']}, "

@@ -51,19 +51,22 @@ def cell_anchors(sizes: Sequence[float], ratios: Sequence[float] = ASPECT_RATIOS
     return torch.stack([-half_w, -half_h, half_w, half_h], dim=1).to(torch.float32)
 
 
-def grid_anchors(cell: Tensor, feature_hw: tuple[int, int], stride: int, offset: float = 0.5) -> Tensor:
+def grid_anchors(
+    cell: Tensor, feature_hw: tuple[int, int], stride: int | tuple[int, int], offset: float = 0.5
+) -> Tensor:
     """Tile ``cell`` ``[A, 4]`` over an ``H x W`` map: ``[H*W*A, 4]`` in ``(y, x, a)`` order.
 
     Location ``(y, x)`` is centred at ``((x + offset) * stride, (y + offset) * stride)``.
     ``offset=0.5`` (default) puts the anchor at the centre of the ``stride x stride`` input
     patch that the feature cell covers, so anchors are symmetric about the image centre;
     ``offset=0.0`` is the top-left-corner convention of py-faster-rcnn, torchvision and
-    Detectron2, kept for loading their weights.
+    Detectron2, kept for loading their weights. ``stride`` may be ``(stride_y, stride_x)``.
     """
     h, w = feature_hw
+    stride_y, stride_x = (stride, stride) if isinstance(stride, (int, float)) else stride
     device = cell.device
-    ys = (torch.arange(h, device=device, dtype=torch.float32) + offset) * stride
-    xs = (torch.arange(w, device=device, dtype=torch.float32) + offset) * stride
+    ys = (torch.arange(h, device=device, dtype=torch.float32) + offset) * stride_y
+    xs = (torch.arange(w, device=device, dtype=torch.float32) + offset) * stride_x
     cy, cx = torch.meshgrid(ys, xs, indexing="ij")  # [H, W], y-major like the head's output
     shifts = torch.stack([cx, cy, cx, cy], dim=-1)  # [H, W, 4]
     return (shifts[:, :, None, :] + cell.to(torch.float32)[None, None, :, :]).reshape(-1, 4)
@@ -107,8 +110,19 @@ class AnchorGenerator(nn.Module):
 
     ``forward`` returns ``{level: [H*W*A, 4]}`` float32 on the maps' device for each level
     in ``sizes`` (other maps are ignored), the same for every image of the batch. Results
-    are cached by ``(level, H, W, device)``; the cached tensors are shared between calls,
-    so treat them as read-only.
+    are cached by ``(level, H, W, stride, device)``; the cached tensors are shared between
+    calls, so treat them as read-only.
+
+    Two switches reproduce torchvision's ``AnchorGenerator`` (to run its trained weights;
+    both off by default, which keeps the paper's exact geometry):
+
+    * ``round_cells``: round the cell anchors' corners to whole pixels, as py-faster-rcnn and
+      torchvision do (size 32, ratio 1:2 becomes 46 x 22 instead of 45.25 x 22.63).
+    * ``strides_from_image``: the stride of a level is ``image side // map side`` per axis,
+      as torchvision computes it, instead of the nominal stride. The image side is the
+      finest map's side times its stride (exact: batches are padded to a multiple of 32).
+      The two differ on a map whose side was rounded up, e.g. P6 of a batch 800 px high:
+      P5 has 25 rows, P6 13, and torchvision spaces P6's anchors 800 // 13 = 61 px apart.
     """
 
     def __init__(
@@ -118,6 +132,8 @@ class AnchorGenerator(nn.Module):
         strides: dict[str, int] | None = None,
         offset: float = 0.5,
         cache_size: int = 64,
+        round_cells: bool = False,
+        strides_from_image: bool = False,
     ):
         super().__init__()
         strides = LEVEL_STRIDES if strides is None else strides
@@ -128,7 +144,10 @@ class AnchorGenerator(nn.Module):
         self.ratios = tuple(float(r) for r in ratios)
         self.strides = {lvl: int(strides[lvl]) for lvl in self.sizes}
         self.offset = float(offset)
+        self.round_cells, self.strides_from_image = bool(round_cells), bool(strides_from_image)
         self.cell = {lvl: cell_anchors(sz, self.ratios) for lvl, sz in self.sizes.items()}
+        if self.round_cells:
+            self.cell = {lvl: c.round() for lvl, c in self.cell.items()}
         # Bounded: multi-size training pads batches to many different shapes.
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple, Tensor] = OrderedDict()
@@ -145,17 +164,23 @@ class AnchorGenerator(nn.Module):
         return {lvl: self.num_anchors(lvl) for lvl in self.sizes}
 
     def anchors_for(
-        self, level: str, feature_hw: tuple[int, int], device: torch.device | str = "cpu"
+        self,
+        level: str,
+        feature_hw: tuple[int, int],
+        device: torch.device | str = "cpu",
+        stride: tuple[int, int] | None = None,
     ) -> Tensor:
-        """Anchors of ``level`` for a map of size ``feature_hw`` (cached)."""
+        """Anchors of ``level`` for a map of size ``feature_hw`` (cached); ``stride``
+        ``(y, x)`` overrides the level's nominal stride."""
         h, w = int(feature_hw[0]), int(feature_hw[1])
+        stride = (self.strides[level],) * 2 if stride is None else (int(stride[0]), int(stride[1]))
         device = torch.device(device)
-        key = (level, h, w, device)
+        key = (level, h, w, stride, device)
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
-        anchors = grid_anchors(self.cell[level].to(device), (h, w), self.strides[level], self.offset)
+        anchors = grid_anchors(self.cell[level].to(device), (h, w), stride, self.offset)
         self._cache[key] = anchors
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
@@ -165,10 +190,17 @@ class AnchorGenerator(nn.Module):
         missing = [lvl for lvl in self.sizes if lvl not in feature_maps]
         if missing:
             raise KeyError(f"feature maps lack level(s) {missing}; got {list(feature_maps)}")
+        strides = {lvl: None for lvl in self.sizes}
+        if self.strides_from_image:
+            finest = min(self.sizes, key=lambda lvl: self.strides[lvl])
+            img_h, img_w = (n * self.strides[finest] for n in feature_maps[finest].shape[-2:])
+            strides = {lvl: (img_h // feature_maps[lvl].shape[-2], img_w // feature_maps[lvl].shape[-1])
+                       for lvl in self.sizes}
         return {
-            lvl: self.anchors_for(lvl, feature_maps[lvl].shape[-2:], feature_maps[lvl].device)
+            lvl: self.anchors_for(lvl, feature_maps[lvl].shape[-2:], feature_maps[lvl].device, strides[lvl])
             for lvl in self.sizes
         }
 
     def extra_repr(self) -> str:
-        return f"sizes={self.sizes}, ratios={self.ratios}, strides={self.strides}, offset={self.offset}"
+        return (f"sizes={self.sizes}, ratios={self.ratios}, strides={self.strides}, offset={self.offset}, "
+                f"round_cells={self.round_cells}, strides_from_image={self.strides_from_image}")

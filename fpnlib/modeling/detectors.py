@@ -45,6 +45,10 @@ class RPNDetectorConfig:
     fpn_channels: int = 256
     anchor_scale: float = 1.0  # multiplies the paper's anchor sizes, for images smaller than 800 px
     anchor_offset: float = 0.5
+    # torchvision's anchor conventions, for its trained weights (see anchors.AnchorGenerator);
+    # off keeps the paper's exact anchor areas and nominal strides.
+    anchor_round: bool = False
+    anchor_strides_from_image: bool = False
     size_divisible: int = 32  # the coarsest backbone stride, so every level aligns with the image
     rpn: RPNConfig = field(default_factory=RPNConfig)
 
@@ -70,6 +74,22 @@ def batch_images(images: list[Tensor], size_divisible: int = 32) -> tuple[Tensor
     return batch, hws
 
 
+def build_rpn(variant: str, channels: int, strides: dict[str, int], cfg: RPNConfig, anchor_scale: float = 1.0,
+              anchor_offset: float = 0.5, generator: torch.Generator | None = None, anchor_round: bool = False,
+              anchor_strides_from_image: bool = False) -> RPN:
+    """The RPN of a Table 1 row on maps of ``channels`` channels: anchors per level (Sec. 4.1)
+    and one head, shared across levels unless ``cfg.shared_head`` is off. ``anchor_round`` and
+    ``anchor_strides_from_image`` are torchvision's anchor conventions (``AnchorGenerator``)."""
+    sizes = anchor_sizes_for(variant, anchor_scale)
+    levels = tuple(sizes)
+    anchor_generator = AnchorGenerator(sizes, strides={lvl: strides[lvl] for lvl in levels}, offset=anchor_offset,
+                                       round_cells=anchor_round, strides_from_image=anchor_strides_from_image)
+    num_anchors = {anchor_generator.num_anchors(lvl) for lvl in levels}
+    assert len(num_anchors) == 1, "one head needs the same number of anchors on every level"
+    head = RPNHead(channels, num_anchors.pop(), levels, shared=cfg.shared_head, hidden=channels)
+    return RPN(head, anchor_generator, cfg, generator=generator)
+
+
 class RPNDetector(nn.Module):
     """Backbone -> neck (per ``cfg.variant``) -> RPN: the region-proposal detector of Table 1.
 
@@ -91,21 +111,14 @@ class RPNDetector(nn.Module):
         self.backbone = ResNetBackbone(
             depth=cfg.depth, norm=cfg.norm, freeze_at=cfg.freeze_at, width=cfg.width, out_features=out_features
         )
-        sizes = anchor_sizes_for(cfg.variant, cfg.anchor_scale)
-        levels = tuple(sizes)
         if single:
             self.neck = None
-            channels = self.backbone.out_channels[cfg.variant]
-            strides = dict(self.backbone.strides)
+            channels, strides = self.backbone.out_channels[cfg.variant], self.backbone.strides
         else:
             self.neck = FPN(self.backbone.out_channels, out_channels=cfg.fpn_channels, **_NECK_SWITCHES[cfg.variant])
-            channels = cfg.fpn_channels
-            strides = dict(self.neck.strides)
-        anchor_generator = AnchorGenerator(sizes, strides=strides, offset=cfg.anchor_offset)
-        num_anchors = {anchor_generator.num_anchors(lvl) for lvl in levels}
-        assert len(num_anchors) == 1, "one head needs the same number of anchors on every level"
-        head = RPNHead(channels, num_anchors.pop(), levels, shared=cfg.rpn.shared_head, hidden=channels)
-        self.rpn = RPN(head, anchor_generator, cfg.rpn, generator=generator)
+            channels, strides = cfg.fpn_channels, self.neck.strides
+        self.rpn = build_rpn(cfg.variant, channels, strides, cfg.rpn, cfg.anchor_scale, cfg.anchor_offset, generator,
+                             cfg.anchor_round, cfg.anchor_strides_from_image)
 
     def _maps(self, batch: Tensor) -> dict[str, Tensor]:
         feats = self.backbone(batch)

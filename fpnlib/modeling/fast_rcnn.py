@@ -44,6 +44,8 @@ class FastRCNNConfig:
     fpn_channels: int = 256
     hidden: int = 1024  # the 2fc head's width (Sec. 4.2)
     pooler: str = "pool"  # "pool": RoI pooling as the paper; "align": RoIAlign
+    # Eq. (1)'s 224 (ImageNet crop size); presets with smaller images scale it with their anchors
+    canonical_size: float = 224.0
     sampling_ratio: int = 2
     size_divisible: int = 32
     batch_per_image: int = 512
@@ -99,7 +101,8 @@ class FastRCNN(nn.Module):
     def roi_features(self, maps: dict[str, Tensor], rois: list[Tensor]) -> Tensor:
         """``[R, C, r, r]`` features of the RoIs, each from its level (Eq. 1 where several)."""
         return pyramid_roi_features(maps, rois, self.strides, output_size=self.resolution, mode=self.cfg.pooler,
-                                    sampling_ratio=self.cfg.sampling_ratio, levels=self.levels)
+                                    sampling_ratio=self.cfg.sampling_ratio, levels=self.levels,
+                                    canonical_size=self.cfg.canonical_size)
 
     def forward(self, images: list[Tensor], targets: list[dict]):
         if len(images) != len(targets) or any("proposals" not in t for t in targets):

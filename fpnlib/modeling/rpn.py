@@ -49,6 +49,9 @@ class RPNConfig:
     ignore_cross_boundary: bool = False
     smooth_l1_beta: float = 1.0 / 9.0
     shared_head: bool = True
+    # NMS ranks by the logits, which never tie by saturating; torchvision ranks by the sigmoid
+    # probabilities, which tie in float32 near 1 (close logits above ~10, all above ~17).
+    rank_by_probability: bool = False
 
 
 class _HeadBranch(nn.Module):
@@ -243,6 +246,7 @@ def _proposals_for_image(
     post_nms_top_n: int,
     nms_thresh: float,
     min_size: float,
+    rank_by_probability: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Clip, drop small boxes, NMS within each level, keep the image's top ``post_nms_top_n``.
     Returns boxes, scores and the level index of each proposal."""
@@ -252,7 +256,8 @@ def _proposals_for_image(
     boxes, logits, level_ids = boxes[keep], logits[keep], level_ids[keep]
     # One call for all levels: the level index is the NMS group, so boxes only suppress boxes
     # of their own level. The result is sorted by decreasing score, across levels.
-    keep = batched_nms(boxes, logits, level_ids, nms_thresh)[:post_nms_top_n]
+    ranking = logits.sigmoid() if rank_by_probability else logits
+    keep = batched_nms(boxes, ranking, level_ids, nms_thresh)[:post_nms_top_n]
     return boxes[keep], logits[keep].sigmoid(), level_ids[keep]
 
 
@@ -267,6 +272,7 @@ def select_proposals(
     nms_thresh: float,
     min_size: float,
     with_levels: bool = False,
+    rank_by_probability: bool = False,
 ) -> list[tuple[Tensor, ...]]:
     """Proposals per image: list of (boxes [K, 4], scores [K]) with K <= ``post_nms_top_n``;
     ``with_levels`` adds the level index [K] of each (its position in ``anchors``' keys).
@@ -276,13 +282,15 @@ def select_proposals(
     Per level: top ``pre_nms_top_n`` by objectness, decode, clip, drop boxes smaller than
     ``min_size``, NMS; then the image's top ``post_nms_top_n`` over all levels (per image, not
     per batch). Scores are sigmoid probabilities; ranking uses the logits, which orders the same
-    but does not saturate. No gradient flows into proposals (approximate joint training).
+    but does not saturate (``rank_by_probability`` ranks by the probabilities, as torchvision).
+    No gradient flows into proposals (approximate joint training).
     """
     logits, top_deltas, top_anchors, level_ids = _top_k_per_level(objectness, deltas, anchors, pre_nms_top_n)
     logits, top_deltas = logits.detach(), top_deltas.detach()
     n = logits.shape[0]
     boxes = decode(top_deltas.reshape(-1, 4), top_anchors.reshape(-1, 4)).view(n, -1, 4)
-    out = [_proposals_for_image(boxes[i], logits[i], level_ids, image_hws[i], post_nms_top_n, nms_thresh, min_size)
+    out = [_proposals_for_image(boxes[i], logits[i], level_ids, image_hws[i], post_nms_top_n, nms_thresh, min_size,
+                                rank_by_probability)
            for i in range(n)]
     return out if with_levels else [(b, sc) for b, sc, _ in out]
 
@@ -338,6 +346,7 @@ class RPN(nn.Module):
         targets: Sequence[dict] | None = None,
         return_proposals: bool = True,
         with_levels: bool = False,
+        compute_losses: bool | None = None,
     ) -> tuple[list[tuple[Tensor, ...]], dict[str, Tensor]]:
         """Proposals per image (boxes, scores) and, in training, the losses.
 
@@ -346,7 +355,9 @@ class RPN(nn.Module):
         ``return_proposals=False`` skips proposal selection (an empty list is returned): an
         RPN trained alone never uses its training-time proposals, and NMS is costly on CPU.
         ``with_levels`` adds to each image's (boxes, scores) the index in ``head.levels`` of
-        the level each proposal came from.
+        the level each proposal came from. ``compute_losses`` (default: ``self.training``)
+        turns the losses off for a frozen RPN that only feeds proposals to a head being trained
+        (step 4 of the 4-step training); its proposals still use the training-time counts.
         """
         feats = {lvl: features[lvl] for lvl in self.head.levels}
         logits, deltas = self.head(feats)
@@ -357,10 +368,10 @@ class RPN(nn.Module):
         proposals = []
         if return_proposals:
             proposals = select_proposals(logits, deltas, anchors, image_hws, pre_n, post_n, cfg.nms_thresh, cfg.min_size,
-                                         with_levels=with_levels)
+                                         with_levels=with_levels, rank_by_probability=cfg.rank_by_probability)
 
         losses: dict[str, Tensor] = {}
-        if self.training:
+        if self.training if compute_losses is None else compute_losses:
             if targets is None:
                 raise ValueError("RPN in training mode needs targets")
             gts, crowds = _split_targets(targets)
