@@ -18,6 +18,7 @@ help:
 	@echo "make test        run the tests (unit + notebooks under smoke)"
 	@echo "make data        generate the embedded data set for PRESET"
 	@echo "make lab         open the notebooks in JupyterLab"
+	@echo "make student     write student/: the notebooks with the exercises' solutions stripped"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +41,9 @@ data: $(STAMP)
 lab: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[lab]' 2>&1 | grep -v "is ignored" || true
 	$(VENV)/bin/jupyter lab notebooks/
+
+student: $(STAMP)
+	$(PY) -m fpnlib student --out student
 
 clean-data:
 	rm -rf data/smoke data/cpu data/gpu

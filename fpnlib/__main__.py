@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
 
     p = verbs.add_parser("table", help="regenerate one of the paper's tables beside the paper's numbers")
-    p.add_argument("number", type=int, choices=list(TABLES), help="table number (Table 4 is the paper's own)")
+    p.add_argument("number", type=int, choices=list(TABLES), help="table number (Table 4 trains nothing: the paper's ranking + our best detector)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--out", default=None, help="results folder (default: results/<preset>)")
     p.add_argument("--runs", default=None, help="checkpoints root (default: runs/<preset>; table N uses <root>/tableN)")
@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
 
     verbs.add_parser("report", help="rewrite README's result blocks from results/")
+
+    p = verbs.add_parser("student", help="write the student edition of the notebooks: solutions stubbed, outputs cleared")
+    p.add_argument("--out", default="student", help="output folder (default: student/)")
     return parser
 
 
@@ -86,11 +89,19 @@ def main(argv: list[str] | None = None) -> int:
         runs = args.runs or REPO_ROOT / "runs" / args.preset
         root = ensure_dataset(args.preset)
         run_table(args.number, args.preset, root, runs, out, seed=args.seed, device=args.device)
+        from fpnlib.experiments.claims import write_claims_report
+
+        write_claims_report(out, args.preset)  # the claims of every table run so far
         print((Path(out) / f"table{args.number}.md").read_text())
     elif args.verb == "report":
         from fpnlib.report import README, update_readme
 
         print(f"{README}: {'updated' if update_readme() else 'already in sync with results/'}")
+    elif args.verb == "student":
+        from fpnlib.student import write_student_editions
+
+        for path in write_student_editions(args.out):
+            print(path)
     return 0
 
 

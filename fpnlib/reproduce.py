@@ -94,6 +94,9 @@ def reproduce(preset: str = "cpu", workers: int = 2, results_dir: Path = RESULTS
         run_table(number, preset, root, REPO_ROOT / "runs" / preset, Path(results_dir) / preset, seed=seed,
                   device="cuda" if torch.cuda.is_available() else "cpu")
         times[f"table{number}"] = time.perf_counter() - t
+    from fpnlib.experiments.claims import write_claims_report
+
+    write_claims_report(Path(results_dir) / preset, preset)
     for nb in tqdm(notebooks or lesson_notebooks(), desc=f"notebooks ({preset})", unit="nb"):
         t = time.perf_counter()
         execute_notebook(nb, {"preset": preset})

@@ -151,3 +151,30 @@ def plot_table_bars(record: dict, paper: dict[str, dict], paper_keys: dict[str, 
     axes[0].set_ylabel(ylabel)
     axes[0].legend(fontsize=7)
     return fig
+
+
+VERDICT_COLOURS = {"reproduced": "#2ca02c", "NOT reproduced": "#d62728", "inconclusive": "#999999"}
+
+
+def plot_claims(claims: Mapping[int, Sequence | None]) -> Figure:
+    """Each checked claim as two bars: our difference (coloured by verdict) and the paper's
+    (hatched), in points of the claim's metric; claims grouped by table, top to bottom."""
+    items = [(n, c) for n, found in claims.items() if found for c in found]
+    fig = Figure(figsize=(7.5, 0.9 + 0.38 * max(len(items), 1)), layout="constrained")
+    ax = fig.subplots()
+    if not items:
+        ax.text(0.5, 0.5, "no table run yet", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
+    y = np.arange(len(items))[::-1]
+    ours = [c.ours[0] - c.ours[1] for _, c in items]
+    paper = [c.paper[0] - c.paper[1] for _, c in items]
+    ax.barh(y + 0.2, ours, 0.4, color=[VERDICT_COLOURS[c.verdict] for _, c in items], label="ours")
+    ax.barh(y - 0.2, paper, 0.4, color="white", edgecolor="#777777", hatch="//", label="paper")
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(y, [f"T{n}: {c.rows[0]} vs {c.rows[1]} ({c.metric})" for n, c in items], fontsize=7)
+    ax.set_xlabel("difference (points): first row minus second", fontsize=8)
+    ax.set_title("the paper's claims: our difference (green reproduced, red not, grey inconclusive) vs the paper's",
+                 fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
+    return fig

@@ -5,7 +5,9 @@ Assertions are on the files a notebook wrote (figures, results), never on cell t
 from __future__ import annotations
 
 import json
+import shutil
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -21,13 +23,18 @@ EXPECTED_FIGURES = {
     "05_fast_rcnn_table2.ipynb": ["05_eq1.png", "05_roi_levels.png", "05_roi_features.png", "05_table2.png",
                                   "05_detections.png"],
     "06_faster_rcnn_tables3_5.ipynb": ["06_losses.png", "06_table3.png", "06_table5.png", "06_detections.png"],
+    "07_segment_proposals_table6.ipynb": ["07_slots.png", "07_positives.png", "07_masks.png", "07_table6.png"],
+    "08_results.ipynb": ["08_claims.png"],
 }
 # Notebooks that write results (and checkpoints) get folders inside the test's tmp_path; the
 # training one trains briefly: learning itself is tested by test_learning.py, here only that
 # the lesson runs end to end.
 WRITERS = {"01_bottom_up.ipynb": {"repeats": 2}, "04_rpn_table1.ipynb": {"iterations": 10, "runs_dir": "runs"},
            "05_fast_rcnn_table2.ipynb": {"iterations": 5, "runs_dir": "runs"},
-           "06_faster_rcnn_tables3_5.ipynb": {"iterations": 5, "runs_dir": "runs"}}
+           "06_faster_rcnn_tables3_5.ipynb": {"iterations": 5, "runs_dir": "runs"},
+           "07_segment_proposals_table6.ipynb": {"iterations": 5, "runs_dir": "runs"},
+           "08_results.ipynb": {}}
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 NOTEBOOKS = lesson_notebooks()
 
 
@@ -53,6 +60,8 @@ def test_notebook_runs_under_smoke(notebook, tmp_path, smoke_root):
         if "runs_dir" in extra:
             extra["runs_dir"] = str(tmp_path / extra["runs_dir"])
         params.update(extra, results_dir=str(tmp_path / "results"))
+    if notebook.name == "08_results.ipynb":  # it reads recorded results: a copy of the cpu run's, as "smoke"
+        shutil.copytree(RESULTS / "cpu", tmp_path / "results" / "smoke")
     execute_notebook(notebook, params, out_path=tmp_path / notebook.name, cell_timeout=300)
     for name in EXPECTED_FIGURES[notebook.name]:
         w, h = png_size(figures / name)
@@ -77,6 +86,14 @@ def test_notebook_runs_under_smoke(notebook, tmp_path, smoke_root):
         t5 = json.loads((tmp_path / "results" / "smoke" / "table5.json").read_text())
         assert list(t3["rows"]) == ["c4_conv5", "c5_2fc", "fpn"] and set(t5["rows"]) == {"no_share", "share"}
         assert t5["rows"]["no_share"]["metrics"]["AP"] == t3["rows"]["fpn"]["metrics"]["AP"]
+    if notebook.name == "07_segment_proposals_table6.ipynb":  # Table 6: the five FPN rows
+        record = json.loads((tmp_path / "results" / "smoke" / "table6.json").read_text())
+        assert len(record["rows"]) == 5
+    if notebook.name == "08_results.ipynb":  # the claims report and Table 4 from the recorded tables
+        claims = json.loads((tmp_path / "results" / "smoke" / "claims.json").read_text())
+        assert claims["1"] and all(c["verdict"] for c in claims["1"])
+        assert "NOT comparable" in (tmp_path / "results" / "smoke" / "table4.md").read_text() or \
+            "no detector run" in (tmp_path / "results" / "smoke" / "table4.md").read_text()
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)

@@ -197,29 +197,33 @@ def test_eval_outputs_masks_at_the_input_size():
 # ---------------------------------------------------------------------------- learning
 
 # Segment AR (pycocotools, 1000 proposals) on the 16 smoke val images, seed 0, each variant
-# trained by ``table6.run_row`` on the smoke budget cut to LEARN_ITERATIONS (measured on the
-# dev machine, 2 shared CPU cores):
+# trained by ``table6.run_row`` on the smoke budget (150 iterations of 4 images; 60-100 s each
+# on the dev machine's 2 shared CPU cores):
 #
-#     variant        untrained AR   trained AR
-#     single_5x5         0.0          see below
-#     single_7x7         0.0
-#     dual               0.0
-#     dual_2x_mask       0.0
+#     variant        untrained AR   trained AR   threshold
+#     single_5x5         0.0           1.6          0.8
+#     single_7x7         0.0           1.0          0.5
+#     dual               0.0           4.9          2.0
+#     dual_2x_mask       0.0           2.1          1.0
 #
-# An untrained model pastes near-random half-on masks and scores 0.0; a broken target,
-# loss, sampler or paste leaves the trained model there too.
-LEARN_ITERATIONS = 80
-MIN_AR = 1.0
+# An untrained model pastes near-random half-on masks and scores 0.0; after 80 iterations every
+# variant still predicted masks below 0.5 everywhere (empty after thresholding, AR 0.0). A broken
+# target, loss, sampler or paste leaves the trained model at 0.0 too. The numbers are low because
+# the mask branch learns slowly from scratch; the score alone is good (the same trained dual
+# model with ground-truth masks pasted at its top-1000 locations reaches AR 63.8).
+LEARN_ITERATIONS = 150  # the smoke budget
+THRESHOLDS = {"single_5x5": 0.8, "single_7x7": 0.5, "dual": 2.0, "dual_2x_mask": 1.0}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["single_5x5", "single_7x7", "dual", "dual_2x_mask"])
+@pytest.mark.parametrize("variant", list(THRESHOLDS))
 def test_each_segment_variant_learns(variant, smoke_root, tmp_path):
     from fpnlib.experiments.table6 import run_row
 
     row = run_row(variant, "smoke", smoke_root, tmp_path / variant, seed=0, iterations=LEARN_ITERATIONS, progress=False)
     assert row["iterations"] == LEARN_ITERATIONS
-    assert row["metrics"]["AR"] >= MIN_AR, f"{variant}: AR {row['metrics']['AR']:.1f} < {MIN_AR}: {row['metrics']}"
+    ar, minimum = row["metrics"]["AR"], THRESHOLDS[variant]
+    assert ar >= minimum, f"{variant}: AR {ar:.1f} < {minimum}: {row['metrics']}"
 
 
 @pytest.mark.slow
@@ -230,4 +234,4 @@ def test_untrained_model_scores_near_zero(smoke_root):
 
     val = load_coco_split(smoke_root, "val", transforms=build_transforms(False, 160, 214))
     metrics, seconds = evaluate_segments(build_row("dual", "smoke"), val, progress=False)
-    assert metrics["AR"] < MIN_AR / 2 and seconds > 0
+    assert metrics["AR"] < min(THRESHOLDS.values()) / 2 and seconds > 0

@@ -57,8 +57,8 @@ def test_pipeline_end_to_end(smoke_root, tmp_path):
         assert row["iterations"] == 2 and set(row["metrics"]) >= set(table6.METRICS)
         assert all(math.isfinite(row["metrics"][m]) for m in ("AR", "AR_s", "AR_m")) and row["time_per_image_s"] > 0
     md = (tmp_path / "out" / "table6.md").read_text()
-    assert "| DeepMask (paper only, not measured) | yes | – / 0.49 | – / 37.1 |" in md
-    assert "| InstanceFCN (paper only, not measured) |" in md and "– / –" in md
+    assert "| DeepMask (paper only) | yes | – / 0.49 | – / 37.1 |" in md
+    assert "| InstanceFCN (paper only) |" in md and "– / –" in md
     assert "| (dual MLP [5x5, 7x7]) dual | no |" in md and " / 45.7 |" in md and " / 43.4 |" in md
     assert "the dual MLP beats a single 5x5 MLP" in md
     # a second call loads the finished checkpoints instead of training again

@@ -62,7 +62,7 @@ def render_table(record: dict, paper: dict[str, dict], paper_keys: dict[str, str
         lines.append(f"| ({letters[variant]}) {variant} | " + " | ".join(cells) + " |")
     for label, key in paper_only:
         p = paper[key]
-        cells = [fn(None, p) for _, fn in extra] + [f"— / {p[m]:.1f}" if p[m] is not None else "— / —" for m in metrics]
+        cells = [fn(None, p) for _, fn in extra] + [f"– / {p[m]:.1f}" if p[m] is not None else "– / –" for m in metrics]
         lines.append(f"| {label} (paper only) | " + " | ".join(cells) + " |")
     prov = record["provenance"]
     lines += ["", f"Ours: preset `{prov['preset']}`, seed {prov['seed']}, commit `{prov['commit'][:12]}`, "
