@@ -49,6 +49,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
 
+    for verb, text in (("train", "train one row of a table with its preset's budget (resumable; runs under torchrun)"),
+                       ("eval", "print the metrics of a row trained by 'train' (loads its finished checkpoint)")):
+        p = verbs.add_parser(verb, help=text)
+        p.add_argument("--table", type=int, required=True, choices=list(TABLES), help=f"table number ({text_rows()})")
+        p.add_argument("--row", required=True, help="row: the paper's letter (a, b, ...) or our name (fpn, c4, ...)")
+        p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+        p.add_argument("--iterations", type=int, default=None,
+                       help="cut the budget to K iterations (lr steps kept at the same fractions)"
+                            + ("" if verb == "train" else "; default: what the checkpoint was trained with"))
+        p.add_argument("--runs", default=None, help="checkpoints root (default: runs/<preset>; the row trains "
+                                                    "in <root>/table<N>/<row>, where 'table N' finds it)")
+        p.add_argument("--data", default=None, help="data set root (default: data/<preset>, generated if missing)")
+        p.add_argument("--device", default="cpu", help="cpu, cuda (under torchrun: each process's own GPU)")
+        p.add_argument("--seed", type=int, default=None,
+                       help="default: 0" if verb == "train" else "default: the checkpoint's")
+
     verbs.add_parser("report", help="rewrite README's result blocks from results/")
 
     p = verbs.add_parser("student", help="write the student edition of the notebooks: solutions stubbed, outputs cleared")
@@ -56,8 +72,143 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ---------------------------------------------------------------- train / eval of one table row
+
+TRAINABLE = (1, 3, 6)  # tables whose rows train on their own; 2 and 5 build on earlier tables' runs
+
+
+def text_rows() -> str:
+    return f"rows of Tables {', '.join(map(str, TRAINABLE))}; Tables 2 and 5 build on earlier runs: use 'table N'"
+
+
+def _table_module(number: int):
+    import importlib
+
+    return importlib.import_module(f"fpnlib.experiments.table{number}")
+
+
+def _resolve_row(number: int, row: str, preset: str) -> str:
+    """The row's variant name (its run folder) from the paper's letter / label or our name; one
+    clear error otherwise."""
+    if number not in TRAINABLE:
+        why = {2: "Table 2 trains Fast R-CNN on the proposals of Table 1's FPN RPN",
+               5: "Table 5 builds on Table 3's FPN detector",
+               4: "Table 4 trains nothing (the paper's ranking + our best detector)"}[number]
+        raise _RowError(f"{why}; run the whole table instead: python -m fpnlib table {number} --preset {preset}")
+    rows = _table_module(number).ROWS  # paper's letter / label -> our variant name
+    if row in rows.values():
+        return row
+    if row in rows:
+        return rows[row]
+    choices = ", ".join(f"{k} ({v})" if k != v else v for k, v in rows.items())
+    raise _RowError(f"Table {number} has no row {row!r}; choose one of: {choices}")
+
+
+class _RowError(ValueError):
+    pass
+
+
+def _row_schedule(number: int, variant: str, preset: str, iterations: int | None):
+    """The schedule the table's ``run_row`` trains this row with (the same function calls)."""
+    from fpnlib.engine.train import shortened
+
+    module = _table_module(number)
+    if number == 6:
+        return module.schedule_for(variant, preset, iterations)
+    return shortened(module.BUDGETS[preset].schedule, iterations)
+
+
+def _train_row(number: int, variant: str, preset: str, data_root, run_dir, seed: int, device: str,
+               iterations: int | None, progress: bool) -> dict:
+    """The training half of the table's ``run_row``: its model (``build_row``), its train split,
+    its schedule. The evaluation half is ``eval`` (which calls ``run_row`` itself)."""
+    from fpnlib.config import get_preset
+    from fpnlib.data.coco import load_coco_split
+    from fpnlib.data.transforms import build_transforms
+    from fpnlib.engine.train import train
+
+    module = _table_module(number)
+    data = get_preset(preset).data
+    sizes = (data.image_size, data.max_size) if data else (800, 1333)
+    if number == 3:
+        train_set, _ = module.splits(preset, data_root)
+        model = module.build_row(variant, preset, train_set.num_classes, seed)
+    else:
+        train_set = load_coco_split(data_root, "train", transforms=build_transforms(True, *sizes), with_masks=number == 6)
+        model = module.build_row(variant, preset, seed)
+    return train(model, train_set, _row_schedule(number, variant, preset, iterations), run_dir, seed=seed,
+                 device=device, progress=progress, description=f"Table {number} {variant}")
+
+
+def _checkpointed_iterations(number: int, variant: str, preset: str, state: dict) -> int | None:
+    """The ``iterations`` argument that gives the checkpoint's schedule (None: the full budget)."""
+    from dataclasses import asdict
+
+    n = state["schedule"]["iterations"]
+    for k in (None, n, n // 2):  # n // 2: Table 6's dual_2x_train runs twice the given iterations
+        if asdict(_row_schedule(number, variant, preset, k)) == state["schedule"]:
+            return k
+    raise _RowError(f"the checkpoint's schedule is not preset {preset!r}'s budget for this row; "
+                    f"retrain it with python -m fpnlib train")
+
+
+def _train_or_eval(args, parser) -> None:
+    from fpnlib.data.prepare import ensure_dataset
+    from fpnlib.engine import distributed
+    from fpnlib.provenance import REPO_ROOT
+
+    try:
+        variant = _resolve_row(args.table, args.row, args.preset)
+    except _RowError as e:
+        parser.error(str(e))
+    run_dir = Path(args.runs or REPO_ROOT / "runs" / args.preset) / f"table{args.table}" / variant
+    retrain = (f"python -m fpnlib train --table {args.table} --row {variant} --preset {args.preset}"
+               + (f" --runs {args.runs}" if args.runs else ""))
+    if args.verb == "train":
+        distributed.init_from_env()  # under torchrun: join the other processes (DDP); else nothing
+        if distributed.is_main():  # one process generates the data set, the others then find it
+            root = ensure_dataset(args.preset, root=args.data, progress=False)
+        distributed.barrier()
+        if not distributed.is_main():
+            root = ensure_dataset(args.preset, root=args.data, progress=False)
+        seed = 0 if args.seed is None else args.seed
+        run = _train_row(args.table, variant, args.preset, root, run_dir, seed, args.device, args.iterations,
+                         progress=distributed.is_main())
+        if distributed.is_main():
+            print(json.dumps({"table": args.table, "row": variant, "run_dir": str(run_dir),
+                              "processes": distributed.world_size(), **{k: v for k, v in run.items()
+                                                                         if k != "wall_time_s"}}, indent=1))
+            print(f"metrics: python -m fpnlib eval --table {args.table} --row {variant} --preset {args.preset}"
+                  + (f" --runs {args.runs}" if args.runs else "") + (f" --data {args.data}" if args.data else ""))
+        distributed.shutdown()
+        return
+    import torch
+
+    if distributed.init_from_env():
+        parser.error("eval runs in one process; start it with python, not torchrun")
+    ckpt = run_dir / "last.pt"
+    if not ckpt.exists():
+        parser.error(f"no checkpoint in {run_dir}; train the row first: {retrain}")
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    try:
+        iterations = args.iterations if args.iterations is not None else \
+            _checkpointed_iterations(args.table, variant, args.preset, state)
+    except _RowError as e:
+        parser.error(str(e))
+    total = _row_schedule(args.table, variant, args.preset, iterations).iterations
+    if state["iteration"] < total:
+        parser.error(f"{ckpt} is unfinished (iteration {state['iteration']} of {total}); continue it: {retrain}"
+                     + (f" --iterations {iterations}" if iterations is not None else ""))
+    root = ensure_dataset(args.preset, root=args.data, progress=False)
+    seed = state["seed"] if args.seed is None else args.seed
+    result = _table_module(args.table).run_row(variant, args.preset, root, run_dir, seed=seed, device=args.device,
+                                               iterations=iterations, progress=False)
+    print(json.dumps(result, indent=1, default=list))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.verb == "data":
         from fpnlib.data.prepare import ensure_dataset
 
@@ -93,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
 
         write_claims_report(out, args.preset)  # the claims of every table run so far
         print((Path(out) / f"table{args.number}.md").read_text())
+    elif args.verb in ("train", "eval"):
+        _train_or_eval(args, parser)
     elif args.verb == "report":
         from fpnlib.report import README, update_readme
 

@@ -41,15 +41,21 @@ def check_level_rule(level_of: Callable[[torch.Tensor], torch.Tensor]) -> bool:
     return True
 
 
+def _int_mismatches(got: torch.Tensor, want: torch.Tensor, why: str, what: str) -> torch.Tensor:
+    """Indices where integer answers differ; a wrong shape is reported first (``what`` says
+    what one entry per row is)."""
+    if tuple(got.shape) != tuple(want.shape):
+        raise ExerciseError(f"{why}: you return shape {tuple(got.shape)}; expected {tuple(want.shape)}, {what}")
+    return torch.nonzero(got.to(torch.int64) != want).flatten()
+
+
 def _compare(level_of, boxes: torch.Tensor, why: str) -> None:
     want = assign_fpn_levels(boxes)
     try:
         got = torch.as_tensor(level_of(boxes.clone()))
     except NotImplementedError:
         raise ExerciseError("level_of is not written yet (it raises NotImplementedError)") from None
-    if got.shape != want.shape:
-        raise ExerciseError(f"level_of returned shape {tuple(got.shape)} for {len(boxes)} boxes; expected {tuple(want.shape)}")
-    bad = torch.nonzero(got.to(torch.int64) != want).flatten()
+    bad = _int_mismatches(got, want, why, "one level per box")
     if len(bad):
         i = int(bad[0])
         w, h = (boxes[i, 2] - boxes[i, 0]).item(), (boxes[i, 3] - boxes[i, 1]).item()
@@ -272,10 +278,7 @@ def check_labeling_rule(label: Callable[[torch.Tensor, torch.Tensor], torch.Tens
     for why, a, gt in cases:
         want = label_anchors(a, gt)[0]
         got = torch.as_tensor(_call(label, "label", why, a.clone(), gt.clone()))
-        if tuple(got.shape) != tuple(want.shape):
-            raise ExerciseError(f"{why}: for {len(a)} anchors you return shape {tuple(got.shape)}; expected ({len(a)},), "
-                                f"one label per anchor")
-        bad = torch.nonzero(got.to(torch.int64) != want).flatten()
+        bad = _int_mismatches(got, want, why, "one label per anchor")
         if len(bad):
             i = int(bad[0])
             reason = _explain_label(box_iou(gt, a) if len(gt) else torch.zeros(0, len(a)), i, int(want[i]))
@@ -323,10 +326,7 @@ def check_segment_level_rule(slot_of: Callable[[torch.Tensor, torch.Tensor], tor
         canonical = torch.tensor([s.scale for s in slots], dtype=torch.float32)
         want = assign_segment_levels(mask_scale(boxes), slots)
         got = torch.as_tensor(_call(slot_of, "slot_of", why, boxes.clone(), canonical.clone()))
-        if tuple(got.shape) != tuple(want.shape):
-            raise ExerciseError(f"{why}: for {len(boxes)} boxes you return shape {tuple(got.shape)}; expected "
-                                f"({len(boxes)},), one index into canonical per object")
-        bad = torch.nonzero(got.to(torch.int64) != want).flatten()
+        bad = _int_mismatches(got, want, why, "one index into canonical per object")
         if len(bad):
             i = int(bad[0])
             w, h = (boxes[i, 2] - boxes[i, 0]).item(), (boxes[i, 3] - boxes[i, 1]).item()

@@ -17,7 +17,7 @@ def run_cli(*args):
 def test_help_lists_every_verb():
     out = run_cli("--help")
     assert out.returncode == 0
-    for verb in ("data", "stats", "reproduce"):
+    for verb in ("data", "stats", "reproduce", "train", "eval"):
         assert verb in out.stdout
 
 
@@ -45,3 +45,29 @@ def test_data_verb_generates_a_loadable_set(tmp_path, capsys):
     assert main(["stats", str(root / "annotations" / "instances_val.json")]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["num_images"] == 16 and stats["num_objects"] > 0
+
+
+def test_train_then_eval_one_row(smoke_root, tmp_path):
+    """``train`` makes the row's checkpoint in <runs>/table1/<row>; ``eval`` loads it (no retraining)."""
+    common = ("--table", "1", "--preset", "smoke", "--runs", str(tmp_path), "--data", str(smoke_root))
+    out = run_cli("eval", "--row", "c", *common)  # nothing trained yet
+    assert out.returncode == 2 and "train --table 1 --row fpn" in out.stderr, out.stderr
+    out = run_cli("train", "--row", "c", "--iterations", "2", *common)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout[:out.stdout.rindex("}") + 1])["iterations"] == 2
+    assert (tmp_path / "table1" / "fpn" / "last.pt").exists()
+    out = run_cli("eval", "--row", "fpn", *common)  # the checkpoint's 2 iterations are found by eval
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["trained_from_iteration"] == 2 and set(result["metrics"]) >= {"AR100", "AR1k", "AR1k_s"}
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("train", "--table", "1", "--row", "zz"), "Table 1 has no row 'zz'"),
+    (("eval", "--table", "2", "--row", "c"), "python -m fpnlib table 2 --preset smoke"),
+])
+def test_unknown_or_dependent_row_gives_one_clear_error(args, expected):
+    out = run_cli(*args, "--preset", "smoke")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], out.stderr

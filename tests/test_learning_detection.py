@@ -1,18 +1,22 @@
 """Learning works for the region heads: Fast R-CNN on saved proposals (Table 2), Faster R-CNN with
-the conv5 head, the 2fc head on C5 and on FPN (Table 3), and the shared-feature detector of the
+the conv5 head and with the 2fc head on FPN (Table 3), and the shared-feature detector of the
 4-step training (Table 5), each trained with its smoke budget and scored by pycocotools.
 
 Box AP needs the class too, and the embedded set's eight classes differ by shape only: a slim
 network trained from scratch for 200 iterations on 48 images reaches only a few AP50 points on
-the 16 val images, while the same network untrained scores 0 (or about 1 AP50 by chance on C5).
-The thresholds sit between the two (measured on the dev machine, seed 0, 2 threads):
+the 16 val images, while the same network untrained scores 0. The thresholds sit between the
+two (measured on the dev machine, seed 0; trained with 2 threads, as CI, and with 1 thread, whose
+different summation order gives a different but equally valid run):
 
-    row                           untrained AP50   trained AP50 (val)   threshold
-    Table 3 (c) fpn               MEASURED_FPN
-    Table 3 (b) c5_2fc            MEASURED_C5
-    Table 3 (a) c4_conv5          MEASURED_C4
-    Table 5 share (4-step)        MEASURED_SHARE
-    Table 2 (c) fpn (saved props) MEASURED_T2
+    row                            untrained AP50   trained AP50, 2 / 1 threads   threshold
+    Table 3 (c) fpn                0.0              3.3 / 2.8                     1.4
+    Table 3 (a) c4_conv5           0.0              5.7 / 4.2                     2.0
+    Table 5 share (4-step on (c))  -                2.2 / 3.0                     1.0
+    Table 2 (c) fpn (saved props)  0.1              4.0 / 2.2                     1.0
+    Table 3 (c) on its train split 0.0              19.2 / 19.0                   8.0
+
+(Table 3 (b), the 2fc head on C5, reached 4.3 / 3.5 against 1.1 untrained; it is left out to
+keep CI short: the 2fc head is the one of rows (c) here and of Table 2.)
 
 The FPN detector is also scored on its own training images, where it must do far better: a
 detector that learns nothing stays at zero there as well. A broken loss, sampler, box coder or
@@ -34,7 +38,7 @@ from fpnlib.experiments import run_table, table1, table2, table3
 pytestmark = pytest.mark.slow
 
 # minimum AP50 on val after the smoke budget, percent
-THRESHOLDS = {"fpn": 1.4, "c5_2fc": 2.2, "c4_conv5": 2.0, "share": 1.5, "table2_fpn": 1.0}
+THRESHOLDS = {"fpn": 1.4, "c4_conv5": 2.0, "share": 1.0, "table2_fpn": 1.0}
 MIN_TRAIN_AP50_FPN = 8.0  # the FPN detector on its own training images
 
 
@@ -43,12 +47,11 @@ def runs(tmp_path_factory):
     return tmp_path_factory.mktemp("detection_runs")
 
 
-@pytest.mark.parametrize("variant", ["fpn", "c5_2fc", "c4_conv5"])
+@pytest.mark.parametrize("variant", ["fpn", "c4_conv5"])
 def test_each_faster_rcnn_row_learns(variant, smoke_root, runs):
     row = table3.run_row(variant, "smoke", smoke_root, runs / "table3" / variant, progress=False)
     assert row["iterations"] == 200
     ap50 = row["metrics"]["AP50"]
-    print(variant, row["metrics"])
     assert ap50 >= THRESHOLDS[variant], f"{variant}: val AP50 {ap50:.1f} < {THRESHOLDS[variant]}: {row['metrics']}"
 
 
@@ -56,23 +59,22 @@ def test_fpn_detector_fits_its_training_images(smoke_root, runs):
     train_eval = load_coco_split(smoke_root, "train", transforms=build_transforms(False, 160, 214), with_masks=False)
     model = table3.load_row("fpn", "smoke", runs / "table3" / "fpn", train_eval.num_classes)
     metrics, _ = table3.detection_metrics(model, train_eval, progress=False)
-    print("fpn on its training images", metrics)
     assert metrics["AP50"] >= MIN_TRAIN_AP50_FPN, metrics
 
 
 def test_shared_features_learn_and_tables_3_and_5_render(smoke_root, runs):
-    rec3 = run_table(3, "smoke", smoke_root, runs, runs / "out", progress=False)
+    rec3 = table3.run_table3("smoke", smoke_root, runs / "table3", runs / "out", variants=("c4_conv5", "fpn"),
+                             progress=False)
     assert all(r["trained_from_iteration"] == 200 for r in rec3["rows"].values()), "rows should be loaded"
     rec5 = run_table(5, "smoke", smoke_root, runs, runs / "out", progress=False)
     share = rec5["rows"]["share"]
-    print("share", share["metrics"])
     assert share["steps_3_4_iterations"] == [100, 100]
     assert share["metrics"]["AP50"] >= THRESHOLDS["share"], share
     assert share["parameters"] < rec5["rows"]["no_share"]["parameters"]
     assert rec5["rows"]["no_share"]["metrics"]["AP"] == rec3["rows"]["fpn"]["metrics"]["AP"]
 
     on_disk = json.loads((runs / "out" / "table3.json").read_text())
-    assert list(on_disk["rows"]) == list(table3.ROWS.values())
+    assert list(on_disk["rows"]) == ["c4_conv5", "fpn"]
     for row in on_disk["rows"].values():
         assert set(row["metrics"]) >= set(table3.METRICS) and all(math.isfinite(v) for v in row["metrics"].values())
         assert row["inference_s_per_image"] > 0
@@ -90,5 +92,4 @@ def test_fast_rcnn_on_saved_proposals_learns(smoke_root, runs):
     proposals = table2.compute_fixed_proposals("smoke", smoke_root, runs / "table1" / "fpn", runs / "table2",
                                                progress=False)
     row = table2.run_row("fpn", "smoke", smoke_root, proposals, runs / "table2" / "fpn", progress=False)
-    print("table2 fpn", row["metrics"])
     assert row["metrics"]["AP50"] >= THRESHOLDS["table2_fpn"], row["metrics"]

@@ -17,7 +17,6 @@ import re
 import subprocess
 import sys
 
-import pytest
 
 from fpnlib.reproduce import lesson_notebooks
 

@@ -12,6 +12,12 @@ What it promises:
     :class:`TrainingDiverged` before the bad step is taken; the last good checkpoint stays.
   * **Visible.** A tqdm bar with the loss and speed, and ``log.jsonl`` with every logged
     iteration's losses, learning rate and timing.
+  * **Several processes, same run.** Under ``torchrun`` (see :mod:`fpnlib.engine.distributed`)
+    each process takes its contiguous share of the SAME global batch a single process would
+    draw, the model is wrapped in ``DistributedDataParallel`` (gradients averaged over the
+    processes before every step: synchronized SGD), and only rank 0 writes the checkpoint and
+    the log and shows the bar. Every process loads the checkpoint on resume. What stays
+    different from one process, and by how much, is measured in ``tests/test_ddp.py``.
 
 Models follow torchvision's convention: ``model(images, targets)`` returns a dict of losses
 in train mode.
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import threading
@@ -34,6 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fpnlib.data.transforms import collate_fn
+from fpnlib.engine import distributed
 
 
 class TrainingDiverged(RuntimeError):
@@ -86,12 +94,20 @@ class IterationBatchSampler(Sampler):
     ``it`` takes positions ``it * batch_size …`` of that endless sequence. Each sample also
     carries a seed for its own augmentation, so the batch of iteration ``it`` does not depend
     on where the run started or on the number of loader workers.
+
+    With ``world_size`` processes, process ``rank`` yields its contiguous block of each global
+    batch, items ``rank * b … (rank + 1) * b - 1`` with ``b = batch_size // world_size``: the
+    processes together see exactly the batch one process would, with the same sample seeds.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, iterations: int, seed: int, start: int = 0):
+    def __init__(self, num_samples: int, batch_size: int, iterations: int, seed: int, start: int = 0,
+                 rank: int = 0, world_size: int = 1):
         if num_samples < 1:
             raise ValueError("cannot train on an empty data set")
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} does not split evenly over {world_size} processes")
         self.n, self.batch_size, self.iterations, self.seed, self.start = num_samples, batch_size, iterations, seed, start
+        self.rank, self.world_size = rank, world_size
         self._perm_epoch, self._perm = -1, None
 
     def _permutation(self, epoch: int) -> torch.Tensor:
@@ -109,8 +125,9 @@ class IterationBatchSampler(Sampler):
         return out
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        b = self.batch_size // self.world_size
         for it in range(self.start, self.iterations):
-            yield self.batch(it)
+            yield self.batch(it)[self.rank * b:(self.rank + 1) * b]
 
     def __len__(self) -> int:
         return max(self.iterations - self.start, 0)
@@ -200,7 +217,17 @@ def train(
     Writes ``out_dir/last.pt`` (model, optimizer, iteration, schedule, seed) and
     ``out_dir/log.jsonl``. With ``resume`` (default) an existing ``last.pt`` is continued.
     ``amp`` enables bf16 autocast on CUDA (ignored on CPU, where runs stay bit-reproducible).
-    ``on_iteration(it, losses)`` is called after each completed step.
+    ``on_iteration(it, losses)`` is called after each completed step (in every process).
+
+    Under ``torchrun`` (an initialised process group of size > 1, see
+    :func:`fpnlib.engine.distributed.init_from_env`) the run is data-parallel:
+    ``schedule.batch_size`` is the GLOBAL batch, split evenly over the processes (each takes a
+    contiguous block, see ``IterationBatchSampler``); gradients are averaged by
+    ``DistributedDataParallel``; the logged losses are the processes' mean; rank 0 writes
+    ``last.pt`` and ``log.jsonl``. The model's own sampling (anchors, RoIs) is seeded per
+    iteration: rank 0 with the single-process seed, so its images draw what they draw in a
+    single-process run; rank ``r > 0`` with a seed of its own. A CUDA ``device`` without an index
+    means the process's ``LOCAL_RANK`` GPU.
 
     Returns ``{"iterations", "resumed_from", "wall_time_s"`` (this call), ``"train_time_s"`` (all
     sessions of the run, as recorded in the checkpoint), ``"last_losses", "checkpoint"}``.
@@ -208,7 +235,10 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = out_dir / "last.pt", out_dir / "log.jsonl"
+    rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
     device = torch.device(device)
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", distributed.local_rank())
     model.to(device)
     optimizer = build_optimizer(model, schedule)
 
@@ -221,16 +251,24 @@ def train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, earlier_time = state["iteration"], state.get("train_time_s", 0.0)
-        _trim_log(log_path, start)
-    elif log_path.exists():
+        if main:
+            _trim_log(log_path, start)
+    elif log_path.exists() and main:
         log_path.unlink()
+    distributed.barrier()  # every process has read the checkpoint before rank 0 may overwrite it
+    net = model  # what the loop calls: the model itself, or its DDP wrapper that averages gradients
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def checkpoint(iteration: int) -> None:
+        if not main:
+            return
         _save(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "iteration": iteration, "schedule": asdict(schedule), "seed": seed,
                           "train_time_s": earlier_time + time.perf_counter() - t_start})
 
-    sampler = IterationBatchSampler(len(dataset), schedule.batch_size, schedule.iterations, seed, start)
+    sampler = IterationBatchSampler(len(dataset), schedule.batch_size, schedule.iterations, seed, start,
+                                    rank=rank, world_size=world)
     loader = DataLoader(SeededSamples(dataset), batch_sampler=sampler, collate_fn=collate_fn,
                         num_workers=workers, pin_memory=device.type == "cuda",
                         persistent_workers=False)
@@ -238,25 +276,30 @@ def train(
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=schedule.iterations, initial=start, desc=description, disable=not progress,
+    bar = tqdm(total=schedule.iterations, initial=start, desc=description, disable=not (progress and main),
                unit="it", dynamic_ncols=True)
     model.train()
     completed, losses_out, t_start = start, {}, time.perf_counter()
     t_last = time.perf_counter()
     try:
-        with _stop_signals_interrupt(), open(log_path, "a") as log:
+        with _stop_signals_interrupt(), (open(log_path, "a") if main else contextlib.nullcontext()) as log:
             for it, (images, targets) in zip(range(start, schedule.iterations), loader):
                 t_data = time.perf_counter() - t_last
                 images, targets = _to(device, images, targets)
                 lr = learning_rate(it, schedule)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                torch.manual_seed(derive_seed(seed, 2, it))  # the model's own sampling
+                # the model's own sampling; rank 0 draws as a single process would
+                torch.manual_seed(derive_seed(seed, 2, it) if rank == 0 else derive_seed(seed, 2, it, rank))
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                    losses = model(images, targets)
+                    losses = net(images, targets)
                 total = sum(losses.values())
-                if not torch.isfinite(total):
-                    bad = {k: float(v.detach()) for k, v in losses.items()}
+                # the global batch's losses (every process's mean), so that all stop together on a NaN
+                losses_out = distributed.mean_over_processes(
+                    {"<total>": float(total.detach()), **{k: float(v.detach()) for k, v in losses.items()}}, device)
+                loss_value = losses_out.pop("<total>")
+                if not math.isfinite(loss_value):
+                    bad = losses_out
                     raise TrainingDiverged(
                         f"loss became non-finite at iteration {it} ({bad}); the step was not taken. "
                         f"Last good checkpoint: {ckpt_path if ckpt_path.exists() else 'none yet'} "
@@ -266,10 +309,8 @@ def train(
                 total.backward()
                 optimizer.step()
                 completed = it + 1
-                loss_value = float(total.detach())
-                losses_out = {k: float(v.detach()) for k, v in losses.items()}
                 now = time.perf_counter()
-                if completed % schedule.log_every == 0 or completed == schedule.iterations:
+                if main and (completed % schedule.log_every == 0 or completed == schedule.iterations):
                     log.write(json.dumps({"iteration": completed, "lr": lr, "loss": loss_value, **losses_out,
                                           "time_per_iter_s": round(now - t_last, 4),
                                           "data_time_s": round(t_data, 4)}) + "\n")
@@ -288,6 +329,7 @@ def train(
     bar.close()
     if completed != start or not ckpt_path.exists():
         checkpoint(completed)
+    distributed.barrier()  # the checkpoint exists for every process once train returns
     return {"iterations": completed, "resumed_from": start, "wall_time_s": time.perf_counter() - t_start,
             "train_time_s": earlier_time + (time.perf_counter() - t_start if completed != start else 0.0),
             "last_losses": losses_out, "checkpoint": str(ckpt_path)}

@@ -14,7 +14,6 @@ deviations and ``DEVIATIONS`` lists them.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from fpnlib.data.coco import load_coco_split
 from fpnlib.data.transforms import build_transforms
 from fpnlib.engine.inference import evaluate_proposals
 from fpnlib.engine.train import Schedule, derive_seed, shortened, train
-from fpnlib.experiments.tables import Claim, check_claims, render_table
+from fpnlib.experiments.tables import Claim, check_claims, final_losses, render_table, run_rows
 from fpnlib.modeling.anchors import count_anchors
 from fpnlib.modeling.detectors import build_rpn_detector
 
@@ -100,13 +99,6 @@ def load_row(variant: str, preset: str, run_dir, seed: int = 0, device: str = "c
     return model.to(device).eval()
 
 
-def _final_losses(log_path: Path) -> dict:
-    """The last logged losses of a run: a row whose objectness loss stayed high did not train."""
-    lines = log_path.read_text().splitlines() if log_path.exists() else []
-    last = json.loads(lines[-1]) if lines else {}
-    return {k: round(v, 4) for k, v in last.items() if k.startswith("loss")}
-
-
 def run_row(variant: str, preset: str, data_root, out_dir, seed: int = 0, device: str = "cpu",
             iterations: int | None = None, progress: bool = True, workers: int = 0) -> dict:
     """Train row ``variant`` (or load its finished checkpoint) and evaluate its proposals on val.
@@ -134,7 +126,7 @@ def run_row(variant: str, preset: str, data_root, out_dir, seed: int = 0, device
         "iterations": schedule.iterations,
         "lr": schedule.lr,
         "train_time_s": round(run["train_time_s"], 1),  # all sessions, also when loaded from a checkpoint
-        "final_losses": _final_losses(Path(out_dir) / "log.jsonl"),
+        "final_losses": final_losses(Path(out_dir) / "log.jsonl"),
         "trained_from_iteration": run["resumed_from"],
         "eval_time_s": round(time.perf_counter() - t1, 1),
     }
@@ -151,23 +143,17 @@ def run_table1(preset: str, data_root, runs_dir, out_dir, seed: int = 0, device:
     """Train and evaluate every row; write ``out_dir/table1.json`` (after each row, so a stopped
     run shows what it has) and ``out_dir/table1.md``. Rows whose checkpoints are complete are
     loaded, not retrained. ``iterations`` shortens the budget (the notebook tests use it)."""
-    from fpnlib.provenance import provenance
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {"table": 1, "rows": {}, "deviations": {k: v for k, v in DEVIATIONS.items() if k not in BUDGETS or k == preset},
               "budget": {"model": BUDGETS[preset].model, "schedule": vars(BUDGETS[preset].schedule),
                          "row_overrides": ROW_OVERRIDES}}
-    t0 = time.perf_counter()
-    for variant in variants:
-        t = time.perf_counter()
-        record["rows"][variant] = run_row(variant, preset, data_root, Path(runs_dir) / variant, seed=seed,
-                                          device=device, progress=progress, iterations=iterations)
-        record["rows"][variant]["wall_time_s"] = round(time.perf_counter() - t, 1)
-        record["provenance"] = provenance(preset, seed, time.perf_counter() - t0, device=str(device))
-        (out_dir / "table1.json").write_text(json.dumps(record, indent=1, default=list) + "\n")
-    (out_dir / "table1.md").write_text(render_table1(record) + "\n")
-    return record
+
+    def row(variant: str) -> dict:
+        return run_row(variant, preset, data_root, Path(runs_dir) / variant,
+                       seed=seed, device=device, progress=progress, iterations=iterations)
+
+    return run_rows(record, variants, row, out_dir, render_table1, preset, seed, device)
 
 
 def render_table1(record: dict) -> str:

@@ -7,7 +7,6 @@ classes are told apart by shape, so AP measures what the paper's does: boxes of 
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,7 +21,7 @@ from fpnlib.engine.evaluate import box_ap
 from fpnlib.engine.inference import predict
 from fpnlib.engine.train import Schedule, derive_seed, shortened, train
 from fpnlib.experiments import table1
-from fpnlib.experiments.tables import Claim, check_claims, render_table
+from fpnlib.experiments.tables import Claim, check_claims, render_table, run_rows
 from fpnlib.modeling.fast_rcnn import FastRCNN, FastRCNNConfig
 
 ROWS = {"a": "c4_conv5", "b": "c5_2fc", "c": "fpn", "d": "bottom_up", "e": "top_down_no_lateral", "f": "p2_only"}
@@ -153,8 +152,6 @@ def run_table2(preset: str, data_root, table1_runs, runs_dir, out_dir, seed: int
                variants=tuple(ROWS.values()), progress: bool = True, iterations: int | None = None) -> dict:
     """Fixed proposals from Table 1(c), then every row; writes ``out_dir/table2.json`` after each
     row and ``out_dir/table2.md`` at the end."""
-    from fpnlib.provenance import provenance
-
     out_dir, runs_dir = Path(out_dir), Path(runs_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     proposals = compute_fixed_proposals(preset, data_root, Path(table1_runs) / "fpn", runs_dir, seed=seed,
@@ -162,14 +159,12 @@ def run_table2(preset: str, data_root, table1_runs, runs_dir, out_dir, seed: int
     record = {"table": 2, "rows": {}, "proposals": {k: str(v) for k, v in proposals.items()},
               "deviations": {k: v for k, v in DEVIATIONS.items() if k not in BUDGETS or k == preset},
               "budget": {"model": BUDGETS[preset].model, "schedule": vars(BUDGETS[preset].schedule)}}
-    t0 = time.perf_counter()
-    for variant in variants:
-        record["rows"][variant] = run_row(variant, preset, data_root, proposals, runs_dir / variant, seed=seed,
-                                          device=device, iterations=iterations, progress=progress)
-        record["provenance"] = provenance(preset, seed, time.perf_counter() - t0, device=str(device))
-        (out_dir / "table2.json").write_text(json.dumps(record, indent=1, default=list) + "\n")
-    (out_dir / "table2.md").write_text(render_table2(record) + "\n")
-    return record
+
+    def row(variant: str) -> dict:
+        return run_row(variant, preset, data_root, proposals, runs_dir / variant,
+                       seed=seed, device=device, iterations=iterations, progress=progress)
+
+    return run_rows(record, variants, row, out_dir, render_table2, preset, seed, device)
 
 
 CLAIMS = (

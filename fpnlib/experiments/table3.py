@@ -8,7 +8,6 @@ row (*), He et al.'s published C4 number, is shown as a paper-only row.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,7 +21,7 @@ from fpnlib.engine.evaluate import box_ap
 from fpnlib.engine.inference import predict
 from fpnlib.engine.train import Schedule, derive_seed, load_checkpoint, shortened, train
 from fpnlib.experiments import table1, table2
-from fpnlib.experiments.tables import Claim, check_claims, render_table
+from fpnlib.experiments.tables import Claim, check_claims, final_losses, render_table, run_rows
 from fpnlib.modeling.faster_rcnn import FasterRCNN, FasterRCNNConfig
 from fpnlib.modeling.rpn import RPNConfig
 
@@ -122,30 +121,24 @@ def run_row(variant: str, preset: str, data_root, out_dir, seed: int = 0, device
     metrics, per_image = detection_metrics(model, val_set, device=device, progress=progress)
     return {"variant": variant, "metrics": metrics, "iterations": schedule.iterations, "lr": schedule.lr,
             "train_time_s": round(run["train_time_s"], 1), "trained_from_iteration": run["resumed_from"],
-            "final_losses": table1._final_losses(Path(out_dir) / "log.jsonl"),
+            "final_losses": final_losses(Path(out_dir) / "log.jsonl"),
             "inference_s_per_image": round(per_image, 4)}
 
 
 def run_table3(preset: str, data_root, runs_dir, out_dir, seed: int = 0, device: str = "cpu",
                variants=tuple(ROWS.values()), progress: bool = True, iterations: int | None = None) -> dict:
     """Every row; writes ``out_dir/table3.json`` after each row and ``out_dir/table3.md`` at the end."""
-    from fpnlib.provenance import provenance
-
     out_dir, runs_dir = Path(out_dir), Path(runs_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {"table": 3, "rows": {}, "deviations": {k: v for k, v in DEVIATIONS.items() if k not in BUDGETS or k == preset},
               "budget": {"model": BUDGETS[preset].model, "schedule": vars(BUDGETS[preset].schedule),
                          "row_overrides": ROW_OVERRIDES, "conv5_on_cpu": table2.light_conv5("c4_conv5", preset)}}
-    t0 = time.perf_counter()
-    for variant in variants:
-        t = time.perf_counter()
-        record["rows"][variant] = run_row(variant, preset, data_root, runs_dir / variant, seed=seed, device=device,
-                                          iterations=iterations, progress=progress)
-        record["rows"][variant]["wall_time_s"] = round(time.perf_counter() - t, 1)
-        record["provenance"] = provenance(preset, seed, time.perf_counter() - t0, device=str(device))
-        (out_dir / "table3.json").write_text(json.dumps(record, indent=1, default=list) + "\n")
-    (out_dir / "table3.md").write_text(render_table3(record) + "\n")
-    return record
+
+    def row(variant: str) -> dict:
+        return run_row(variant, preset, data_root, runs_dir / variant,
+                       seed=seed, device=device, iterations=iterations, progress=progress)
+
+    return run_rows(record, variants, row, out_dir, render_table3, preset, seed, device)
 
 
 CLAIMS = (

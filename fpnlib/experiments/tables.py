@@ -2,8 +2,11 @@
 checked on our numbers (direction only, never tuned: a claim that fails is reported as such)."""
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 # Differences below this many points (AR or AP) are called inconclusive: on a val split of a
 # few hundred objects, one object found or missed moves the metric by about that much.
@@ -74,3 +77,29 @@ def render_table(record: dict, paper: dict[str, dict], paper_keys: dict[str, str
     lines += ["", f"The paper's claims on our numbers (direction only; |difference| < {INCONCLUSIVE_BELOW} point: inconclusive):"]
     lines += [f"- {c}" for c in claims]
     return "\n".join(lines)
+
+
+def final_losses(log_path: Path) -> dict:
+    """The last logged losses of a run: a row whose loss stayed high did not train."""
+    lines = Path(log_path).read_text().splitlines() if Path(log_path).exists() else []
+    last = json.loads(lines[-1]) if lines else {}
+    return {k: round(v, 4) for k, v in last.items() if k.startswith("loss")}
+
+
+def run_rows(record: dict, variants: Sequence[str], run_one: Callable[[str], dict], out_dir: Path,
+             render: Callable[[dict], str], preset: str, seed: int, device) -> dict:
+    """Run each row (``run_one(variant)`` returns its dict) and add its wall time; after every row
+    write ``out_dir/table<N>.json`` with provenance (a stopped run shows what it has), at the end
+    ``table<N>.md`` rendered by ``render``."""
+    from fpnlib.provenance import provenance
+
+    n = record["table"]
+    t0 = time.perf_counter()
+    for variant in variants:
+        t = time.perf_counter()
+        record["rows"][variant] = run_one(variant)
+        record["rows"][variant]["wall_time_s"] = round(time.perf_counter() - t, 1)
+        record["provenance"] = provenance(preset, seed, time.perf_counter() - t0, device=str(device))
+        (Path(out_dir) / f"table{n}.json").write_text(json.dumps(record, indent=1, default=list) + "\n")
+    (Path(out_dir) / f"table{n}.md").write_text(render(record) + "\n")
+    return record

@@ -156,6 +156,25 @@ class ResNetBackbone(nn.Module):
         return out
 
 
+def read_state_dict(path: str | os.PathLike, what: str) -> dict[str, Tensor]:
+    """The tensors of a checkpoint file (a bare state dict, or one under "model"/"state_dict"),
+    read without unpickling code (``weights_only``). Errors name the file: ``FileNotFoundError``,
+    ``RuntimeError`` (unreadable) or ``ValueError`` (not a state dict of tensors)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, pickle garbage, foreign objects, ...
+        raise RuntimeError(f"could not read {what} {path}: {e}") from e
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors (got {type(state).__name__})")
+    return state
+
+
 def load_torchvision_resnet(backbone: ResNetBackbone, path: str | os.PathLike) -> None:
     """Load a torchvision ResNet ``state_dict`` file (e.g. ImageNet weights) into ``backbone``.
 
@@ -167,17 +186,7 @@ def load_torchvision_resnet(backbone: ResNetBackbone, path: str | os.PathLike) -
     unreadable file raises ``FileNotFoundError``/``RuntimeError`` naming it.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"ResNet checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle garbage, foreign objects, ...
-        raise RuntimeError(f"could not read ResNet checkpoint {path}: {e}") from e
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
+    state = read_state_dict(path, "ResNet checkpoint")
 
     target = backbone.state_dict()
     unbuilt = tuple(f"layer{i}." for i in range(backbone.num_stages + 1, 5))

@@ -47,6 +47,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from fpnlib.data.transforms import Normalize
 
+from .backbone import read_state_dict
 from .faster_rcnn import FasterRCNN, FasterRCNNConfig
 from .rpn import RPNConfig
 
@@ -203,17 +204,7 @@ def load_torchvision_faster_rcnn(path: str | os.PathLike, num_classes: int | Non
     ``ValueError`` (not a matching state dict), each naming ``path``.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"torchvision Faster R-CNN checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle garbage, foreign objects, ...
-        raise RuntimeError(f"could not read torchvision Faster R-CNN checkpoint {path}: {e}") from e
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors (got {type(state).__name__})")
+    state = read_state_dict(path, "torchvision Faster R-CNN checkpoint")
     try:
         converted = convert_torchvision_state_dict(state)
     except ValueError as e:
