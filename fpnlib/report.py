@@ -70,7 +70,41 @@ def render_figure1_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -
     return "\n".join(rows)
 
 
-BLOCKS = {"data": render_data_block, "figure1": render_figure1_block, "table1": render_table1_block}
+def render_table6_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> str:
+    """Table 6 (segment proposals) of ``preset``: ours beside the paper's, with provenance."""
+    from fpnlib.experiments.table6 import render_table6
+
+    path = Path(results_dir) / preset / "table6.json"
+    if not path.exists():
+        return f"_No recorded Table 6 yet: run `python -m fpnlib table 6 --preset {preset}`._"
+    return render_table6(json.loads(path.read_text()))
+
+
+def render_claims_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> str:
+    """Every checked claim of ``preset``'s recorded tables (``fpnlib.experiments.claims``)."""
+    from fpnlib.experiments.claims import collect_claims, render_claims
+
+    text = render_claims(collect_claims(Path(results_dir) / preset), preset)
+    return "\n".join(text.split("\n")[2:])  # without the title: README has its own heading
+
+
+def render_notebooks_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> str:
+    """Measured wall time of each lesson notebook under ``preset`` (``notebooks.json``)."""
+    path = Path(results_dir) / preset / "notebooks.json"
+    if not path.exists():
+        return f"_No recorded notebook times yet: run `make reproduce` (writes `results/{preset}/notebooks.json`)._"
+    rec = json.loads(path.read_text())
+    rows = [f"| notebook | wall time under `{preset}` | run |", "|---|---|---|"]
+    rows += [f"| `{name}` | {e['seconds'] / 60:.1f} min | commit `{e['provenance']['commit'][:12]}`, "
+             f"{e['provenance']['date'][:10]} |" for name, e in sorted(rec.items())]
+    any_prov = next(iter(rec.values()))["provenance"]
+    rows += ["", f"From `results/{preset}/notebooks.json` ({_provenance_line(any_prov)}); a notebook that loads "
+             "finished checkpoints takes minutes, one that trains its table's rows takes the table's training time."]
+    return "\n".join(rows)
+
+
+BLOCKS = {"data": render_data_block, "figure1": render_figure1_block, "table1": render_table1_block,
+          "table6": render_table6_block, "claims": render_claims_block, "notebooks": render_notebooks_block}
 
 
 def render_readme(text: str, results_dir: Path = RESULTS_DIR) -> str:

@@ -72,6 +72,16 @@ def execute_notebook(path: Path, parameters: dict, out_path: Path | None = None,
     return out_path
 
 
+def record_notebook_time(preset: str, name: str, seconds: float, results_dir: Path = RESULTS_DIR) -> Path:
+    """Add one notebook's measured wall time, with its provenance, to ``results/<preset>/notebooks.json``."""
+    path = Path(results_dir) / preset / "notebooks.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = json.loads(path.read_text()) if path.exists() else {}
+    record[name] = {"seconds": round(seconds, 1), "provenance": provenance(preset, 0, seconds)}
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
+
+
 def reproduce(preset: str = "cpu", workers: int = 2, results_dir: Path = RESULTS_DIR,
               notebooks: list[Path] | None = None, tables=None) -> dict:
     """Data, statistics, the tables, then every lesson notebook under ``preset``; returns wall times."""
@@ -101,6 +111,7 @@ def reproduce(preset: str = "cpu", workers: int = 2, results_dir: Path = RESULTS
         t = time.perf_counter()
         execute_notebook(nb, {"preset": preset})
         times[nb.name] = time.perf_counter() - t
+        record_notebook_time(preset, nb.name, times[nb.name], results_dir)
     out = Path(results_dir) / preset / "reproduce_times.json"
     out.write_text(json.dumps({"seconds": {k: round(v, 1) for k, v in times.items()},
                                "provenance": provenance(preset, 0, sum(times.values()))}, indent=1) + "\n")

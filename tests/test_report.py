@@ -30,3 +30,26 @@ def test_data_block_reads_the_file(tmp_path):
 def test_missing_block_is_an_error():
     with pytest.raises(ValueError, match="fpnlib:data"):
         render_readme("no blocks here", RESULTS_DIR)
+
+
+def test_notebook_times_are_recorded_and_rendered(tmp_path):
+    from fpnlib.reproduce import record_notebook_time
+    from fpnlib.report import render_notebooks_block
+
+    assert "No recorded notebook times" in render_notebooks_block(tmp_path)
+    record_notebook_time("cpu", "01_bottom_up.ipynb", 90.0, tmp_path)
+    record_notebook_time("cpu", "00_data.ipynb", 12.0, tmp_path)
+    record_notebook_time("cpu", "01_bottom_up.ipynb", 30.0, tmp_path)  # a rerun replaces its entry
+    block = render_notebooks_block(tmp_path)
+    assert "| `00_data.ipynb` | 0.2 min |" in block and "| `01_bottom_up.ipynb` | 0.5 min |" in block
+    assert block.count("ipynb") == 2
+
+
+def test_claims_block_lists_tables_not_run(tmp_path):
+    from fpnlib.report import render_claims_block
+
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "table1.json").write_text((RESULTS_DIR / "cpu" / "table1.json").read_text())
+    block = render_claims_block(tmp_path)
+    assert "## Table 1" in block and "FPN beats the single-scale C4 RPN" in block
+    assert "## Table 3\n- not run under `cpu` yet" in block and block.strip().startswith("Direction only")

@@ -108,6 +108,10 @@ def test_completed_run_is_loaded_not_retrained(tmp_path):
     info = train(m2, _toy_data(), sched, tmp_path, progress=False)
     assert info["resumed_from"] == 4 and m2.calls == 0
     assert torch.equal(m2.w.detach(), w)
+    # provenance: the code version that trained it is in the checkpoint, and loading adds none
+    from fpnlib.provenance import git_commit
+
+    assert info["commits"] == [git_commit()] == torch.load(tmp_path / "last.pt", weights_only=False)["commits"]
 
 
 def test_resume_with_another_schedule_is_refused(tmp_path):

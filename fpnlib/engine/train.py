@@ -242,7 +242,10 @@ def train(
     model.to(device)
     optimizer = build_optimizer(model, schedule)
 
+    from fpnlib.provenance import git_commit
+
     start, earlier_time = 0, 0.0  # earlier_time: training seconds of the sessions before this one
+    commits = []  # the code version of every session that trained this run (provenance)
     if resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
         if state["seed"] != seed or state["schedule"] != asdict(schedule):
@@ -251,6 +254,7 @@ def train(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, earlier_time = state["iteration"], state.get("train_time_s", 0.0)
+        commits = list(state.get("commits", []))
         if main:
             _trim_log(log_path, start)
     elif log_path.exists() and main:
@@ -265,7 +269,7 @@ def train(
             return
         _save(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "iteration": iteration, "schedule": asdict(schedule), "seed": seed,
-                          "train_time_s": earlier_time + time.perf_counter() - t_start})
+                          "train_time_s": earlier_time + time.perf_counter() - t_start, "commits": commits})
 
     sampler = IterationBatchSampler(len(dataset), schedule.batch_size, schedule.iterations, seed, start,
                                     rank=rank, world_size=world)
@@ -279,6 +283,8 @@ def train(
     bar = tqdm(total=schedule.iterations, initial=start, desc=description, disable=not (progress and main),
                unit="it", dynamic_ncols=True)
     model.train()
+    if start < schedule.iterations and (not commits or commits[-1] != git_commit()):
+        commits.append(git_commit())  # this session trains: record its code version
     completed, losses_out, t_start = start, {}, time.perf_counter()
     t_last = time.perf_counter()
     try:
@@ -331,6 +337,7 @@ def train(
         checkpoint(completed)
     distributed.barrier()  # the checkpoint exists for every process once train returns
     return {"iterations": completed, "resumed_from": start, "wall_time_s": time.perf_counter() - t_start,
+            "commits": commits,
             "train_time_s": earlier_time + (time.perf_counter() - t_start if completed != start else 0.0),
             "last_losses": losses_out, "checkpoint": str(ckpt_path)}
 

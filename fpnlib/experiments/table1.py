@@ -127,7 +127,7 @@ def run_row(variant: str, preset: str, data_root, out_dir, seed: int = 0, device
         "lr": schedule.lr,
         "train_time_s": round(run["train_time_s"], 1),  # all sessions, also when loaded from a checkpoint
         "final_losses": final_losses(Path(out_dir) / "log.jsonl"),
-        "trained_from_iteration": run["resumed_from"],
+        "trained_from_iteration": run["resumed_from"], "train_commits": run["commits"],
         "eval_time_s": round(time.perf_counter() - t1, 1),
     }
 

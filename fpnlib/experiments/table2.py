@@ -144,7 +144,8 @@ def run_row(variant: str, preset: str, data_root, proposals: dict[str, Path], ou
     dets = predict(model, val_set, device=device, progress=progress, desc="detections")
     metrics = box_ap(val_set.coco, dets, val_set.dataset.label_to_cat_id)
     return {"variant": variant, "metrics": metrics, "iterations": schedule.iterations, "lr": schedule.lr,
-            "train_time_s": round(run["train_time_s"], 1), "trained_from_iteration": run["resumed_from"],
+            "train_time_s": round(run["train_time_s"], 1),
+            "trained_from_iteration": run["resumed_from"], "train_commits": run["commits"],
             "eval_time_s": round(time.perf_counter() - t1, 1)}
 
 

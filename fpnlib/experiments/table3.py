@@ -120,7 +120,8 @@ def run_row(variant: str, preset: str, data_root, out_dir, seed: int = 0, device
                 description=f"Table 3 {variant}")
     metrics, per_image = detection_metrics(model, val_set, device=device, progress=progress)
     return {"variant": variant, "metrics": metrics, "iterations": schedule.iterations, "lr": schedule.lr,
-            "train_time_s": round(run["train_time_s"], 1), "trained_from_iteration": run["resumed_from"],
+            "train_time_s": round(run["train_time_s"], 1),
+            "trained_from_iteration": run["resumed_from"], "train_commits": run["commits"],
             "final_losses": final_losses(Path(out_dir) / "log.jsonl"),
             "inference_s_per_image": round(per_image, 4)}
 

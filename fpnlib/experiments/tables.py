@@ -51,6 +51,11 @@ def check_claims(record: dict, specs: Sequence[tuple[str, str, str, str]], paper
     return out
 
 
+def short_commit(commit: str) -> str:
+    """12 hex digits, keeping the ``+dirty`` mark of a run made from uncommitted code."""
+    return commit[:12] + ("+dirty" if commit.endswith("+dirty") else "")
+
+
 def render_table(record: dict, paper: dict[str, dict], paper_keys: dict[str, str], letters: dict[str, str],
                  metrics: Sequence[str], extra: Sequence[tuple[str, Callable[[dict, dict], str]]],
                  setting: str, what: str, claims: Sequence[Claim], paper_only: Sequence[tuple[str, str]] = ()) -> str:
@@ -68,7 +73,7 @@ def render_table(record: dict, paper: dict[str, dict], paper_keys: dict[str, str
         cells = [fn(None, p) for _, fn in extra] + [f"– / {p[m]:.1f}" if p[m] is not None else "– / –" for m in metrics]
         lines.append(f"| {label} (paper only) | " + " | ".join(cells) + " |")
     prov = record["provenance"]
-    lines += ["", f"Ours: preset `{prov['preset']}`, seed {prov['seed']}, commit `{prov['commit'][:12]}`, "
+    lines += ["", f"Ours: preset `{prov['preset']}`, seed {prov['seed']}, commit `{short_commit(prov['commit'])}`, "
               f"{prov['hardware'].get('gpu') or prov['hardware']['cpu']}, "
               f"{sum(r['train_time_s'] for r in record['rows'].values()) / 60:.1f} min of training, "
               f"{prov['date']}; {what}.",
