@@ -43,14 +43,20 @@ def render_data_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> s
     return "\n".join(rows)
 
 
-def render_table1_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> str:
-    """Table 1 (RPN proposals) of ``preset``: ours beside the paper's, with provenance."""
-    from fpnlib.experiments.table1 import render_table1
+def _table_block(n: int, results_dir: Path, preset: str) -> str:
+    """Table ``n`` of ``preset`` as its module renders it (ours beside the paper's, provenance)."""
+    import importlib
 
-    path = Path(results_dir) / preset / "table1.json"
+    path = Path(results_dir) / preset / f"table{n}.json"
     if not path.exists():
-        return f"_No recorded Table 1 yet: run `make reproduce` (writes `{path.relative_to(REPO_ROOT)}`)._"
-    return render_table1(json.loads(path.read_text()))
+        return f"_No recorded Table {n} yet: run `python -m fpnlib table {n} --preset {preset}`._"
+    render = getattr(importlib.import_module(f"fpnlib.experiments.table{n}"), f"render_table{n}")
+    return render(json.loads(path.read_text()))
+
+
+def render_table1_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> str:
+    """Table 1 (RPN proposals) of ``preset``."""
+    return _table_block(1, results_dir, preset)
 
 
 def render_figure1_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> str:
@@ -71,13 +77,8 @@ def render_figure1_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -
 
 
 def render_table6_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> str:
-    """Table 6 (segment proposals) of ``preset``: ours beside the paper's, with provenance."""
-    from fpnlib.experiments.table6 import render_table6
-
-    path = Path(results_dir) / preset / "table6.json"
-    if not path.exists():
-        return f"_No recorded Table 6 yet: run `python -m fpnlib table 6 --preset {preset}`._"
-    return render_table6(json.loads(path.read_text()))
+    """Table 6 (segment proposals) of ``preset``."""
+    return _table_block(6, results_dir, preset)
 
 
 def render_claims_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> str:
