@@ -91,7 +91,8 @@ def test_notebook_runs_under_smoke(notebook, tmp_path, smoke_root):
         assert len(record["rows"]) == 5
     if notebook.name == "08_results.ipynb":  # the claims report and Table 4 from the recorded tables
         claims = json.loads((tmp_path / "results" / "smoke" / "claims.json").read_text())
-        assert claims["1"] and all(c["verdict"] for c in claims["1"])
+        assert claims["claims"]["1"] and all(c["verdict"] for c in claims["claims"]["1"])
+        assert claims["sources"]["table1.json"]["commit"] and claims["provenance"]["preset"] == "smoke"
         assert "NOT comparable" in (tmp_path / "results" / "smoke" / "table4.md").read_text() or \
             "no detector run" in (tmp_path / "results" / "smoke" / "table4.md").read_text()
 

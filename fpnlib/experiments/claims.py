@@ -54,8 +54,14 @@ def write_claims_report(results_dir, preset: str) -> Path:
     claims = collect_claims(results_dir)
     results_dir = Path(results_dir)
     (results_dir / "claims.md").write_text(render_claims(claims, preset) + "\n")
-    record = {str(n): None if found is None else [
+    from fpnlib.provenance import provenance
+
+    record = {"claims": {str(n): None if found is None else [
         {"text": c.text, "metric": c.metric, "rows": list(c.rows), "ours": list(c.ours), "paper": list(c.paper),
-         "verdict": c.verdict} for c in found] for n, found in claims.items()}
+         "verdict": c.verdict} for c in found] for n, found in claims.items()},
+        # each claim's numbers come from these recorded tables, with their own provenance
+        "sources": {f"table{n}.json": json.loads((results_dir / f"table{n}.json").read_text())["provenance"]
+                    for n, found in claims.items() if found is not None},
+        "provenance": provenance(preset, 0, step="claims report")}
     (results_dir / "claims.json").write_text(json.dumps(record, indent=1) + "\n")
     return results_dir / "claims.md"

@@ -42,19 +42,19 @@ class FastRCNNBudget:
 _SLIM = {k: v for k, v in table1.BUDGETS["cpu"].model.items() if k != "anchor_scale"}
 
 
-def _canonical(preset: str) -> float:
+def canonical_size(preset: str) -> float:
     """Eq. (1)'s 224 scaled like the preset's anchors (Table 1's ``anchor_scale``): the RoI of the
     canonical size then still lands on P4 in images smaller than the paper's 800 px."""
     return 224.0 * table1.BUDGETS[preset].model["anchor_scale"]
 
 
 BUDGETS = {
-    "smoke": FastRCNNBudget(dict(_SLIM, hidden=128, batch_per_image=128, canonical_size=_canonical("smoke")),
+    "smoke": FastRCNNBudget(dict(_SLIM, hidden=128, batch_per_image=128, canonical_size=canonical_size("smoke")),
                             Schedule(iterations=200, batch_size=4, lr=0.02, warmup_iters=50, steps=(160,), checkpoint_every=100)),
-    "cpu": FastRCNNBudget(dict(_SLIM, hidden=512, batch_per_image=256, canonical_size=_canonical("cpu")),
+    "cpu": FastRCNNBudget(dict(_SLIM, hidden=512, batch_per_image=256, canonical_size=canonical_size("cpu")),
                           Schedule(iterations=1500, batch_size=4, lr=0.02, warmup_iters=200, steps=(1200,), checkpoint_every=250)),
     "gpu": FastRCNNBudget(dict({k: v for k, v in table1.BUDGETS["gpu"].model.items() if k != "anchor_scale"},
-                               hidden=1024, batch_per_image=512, canonical_size=_canonical("gpu")),
+                               hidden=1024, batch_per_image=512, canonical_size=canonical_size("gpu")),
                           Schedule(iterations=18000, batch_size=8, lr=0.02, warmup_iters=500, steps=(13500,), checkpoint_every=1000)),
     # Sec. 5.2.1: 16 images per mini-batch, 512 RoIs per image, lr 0.02 for 60k iterations, 0.002 for 20k
     "paper": FastRCNNBudget(dict(depth=50, width=64, norm="frozen_bn", freeze_at=2, fpn_channels=256, hidden=1024,

@@ -39,21 +39,21 @@ class FasterRCNNBudget:
     schedule: Schedule
 
 
-def _budget(rpn_budget: table1.RPNBudget, **head) -> dict:
+def _budget(preset: str, **head) -> dict:
     """Table 1's model (and anchor scale) + the head; Eq. (1)'s 224 scaled like the anchors."""
-    return dict(rpn_budget.model, canonical_size=224.0 * rpn_budget.model["anchor_scale"], **head)
+    return dict(table1.BUDGETS[preset].model, canonical_size=table2.canonical_size(preset), **head)
 
 
 BUDGETS = {
-    "smoke": FasterRCNNBudget(_budget(table1.BUDGETS["smoke"], hidden=128, batch_per_image=128),
+    "smoke": FasterRCNNBudget(_budget("smoke", hidden=128, batch_per_image=128),
                               Schedule(iterations=200, batch_size=4, lr=0.02, warmup_iters=50, steps=(160,), checkpoint_every=100)),
-    "cpu": FasterRCNNBudget(_budget(table1.BUDGETS["cpu"], hidden=512, batch_per_image=256),
+    "cpu": FasterRCNNBudget(_budget("cpu", hidden=512, batch_per_image=256),
                             Schedule(iterations=1000, batch_size=4, lr=0.02, warmup_iters=200, steps=(800,), checkpoint_every=250)),
-    "gpu": FasterRCNNBudget(_budget(table1.BUDGETS["gpu"], hidden=1024, batch_per_image=512),
+    "gpu": FasterRCNNBudget(_budget("gpu", hidden=1024, batch_per_image=512),
                             Schedule(iterations=12000, batch_size=8, lr=0.02, warmup_iters=500, steps=(9000,), checkpoint_every=1000)),
     # Sec. 5.2.2 trains RPN and Fast R-CNN separately with the schedules of 5.1 and 5.2.1; one
     # joint schedule of Fast R-CNN's length stands for both here.
-    "paper": FasterRCNNBudget(_budget(table1.BUDGETS["paper"], hidden=1024, batch_per_image=512),
+    "paper": FasterRCNNBudget(_budget("paper", hidden=1024, batch_per_image=512),
                               Schedule(iterations=80000, batch_size=16, lr=0.02, warmup_iters=500, steps=(60000,), checkpoint_every=2000)),
 }
 DEVIATIONS = {
