@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--tables", type=int, nargs="*", choices=list(TABLES), default=None,
                    help=f"tables to run (default: all of {list(TABLES)}); trained rows are reused")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="processes generating the data")
+    p.add_argument("--jobs", type=int, default=2, help="table rows trained at once on a CPU (1: one at a time, "
+                   "with all threads; on CUDA always 1)")
 
     p = verbs.add_parser("table", help="regenerate one of the paper's tables beside the paper's numbers")
     p.add_argument("number", type=int, choices=list(TABLES), help="table number (Table 4 trains nothing: the paper's ranking + our best detector)")
@@ -113,7 +115,7 @@ def _row_schedule(number: int, variant: str, preset: str, iterations: int | None
     from fpnlib.engine.train import shortened
 
     module = _table_module(number)
-    if number == 6:
+    if number in (1, 6):
         return module.schedule_for(variant, preset, iterations)
     return shortened(module.BUDGETS[preset].schedule, iterations)
 
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.verb == "reproduce":
         from fpnlib.reproduce import reproduce
 
-        times = reproduce(args.preset, workers=args.workers, tables=args.tables)
+        times = reproduce(args.preset, workers=args.workers, tables=args.tables, jobs=args.jobs)
         print(json.dumps({k: round(v, 1) for k, v in times.items()}, indent=1))
     elif args.verb == "table":
         from fpnlib.data.prepare import ensure_dataset

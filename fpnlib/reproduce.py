@@ -83,8 +83,9 @@ def record_notebook_time(preset: str, name: str, seconds: float, results_dir: Pa
 
 
 def reproduce(preset: str = "cpu", workers: int = 2, results_dir: Path = RESULTS_DIR,
-              notebooks: list[Path] | None = None, tables=None) -> dict:
-    """Data, statistics, the tables, then every lesson notebook under ``preset``; returns wall times."""
+              notebooks: list[Path] | None = None, tables=None, jobs: int = 2) -> dict:
+    """Data, statistics, the tables, then every lesson notebook under ``preset``; returns wall times.
+    ``jobs``: table rows trained at once on a CPU (``fpnlib.experiments.tables.run_rows``)."""
     from tqdm.auto import tqdm
 
     times = {}
@@ -102,7 +103,7 @@ def reproduce(preset: str = "cpu", workers: int = 2, results_dir: Path = RESULTS
     for number in TABLES if tables is None else tables:
         t = time.perf_counter()
         run_table(number, preset, root, REPO_ROOT / "runs" / preset, Path(results_dir) / preset, seed=seed,
-                  device="cuda" if torch.cuda.is_available() else "cpu")
+                  device="cuda" if torch.cuda.is_available() else "cpu", jobs=jobs)
         times[f"table{number}"] = time.perf_counter() - t
     from fpnlib.experiments.claims import write_claims_report
 

@@ -21,7 +21,7 @@ from fpnlib.engine.evaluate import box_ap
 from fpnlib.engine.inference import predict
 from fpnlib.engine.train import Schedule, derive_seed, shortened, train
 from fpnlib.experiments import table1
-from fpnlib.experiments.tables import Claim, check_claims, render_table, run_rows
+from fpnlib.experiments.tables import Claim, RowJob, check_claims, reuse_evaluated, render_table, run_rows
 from fpnlib.modeling.fast_rcnn import FastRCNN, FastRCNNConfig
 
 ROWS = {"a": "c4_conv5", "b": "c5_2fc", "c": "fpn", "d": "bottom_up", "e": "top_down_no_lateral", "f": "p2_only"}
@@ -52,7 +52,7 @@ BUDGETS = {
     "smoke": FastRCNNBudget(dict(_SLIM, hidden=128, batch_per_image=128, canonical_size=canonical_size("smoke")),
                             Schedule(iterations=200, batch_size=4, lr=0.02, warmup_iters=50, steps=(160,), checkpoint_every=100)),
     "cpu": FastRCNNBudget(dict(_SLIM, hidden=512, batch_per_image=256, canonical_size=canonical_size("cpu")),
-                          Schedule(iterations=1500, batch_size=4, lr=0.02, warmup_iters=200, steps=(1200,), checkpoint_every=250)),
+                          Schedule(iterations=300, batch_size=4, lr=0.02, warmup_iters=50, steps=(240,), checkpoint_every=100)),
     "gpu": FastRCNNBudget(dict({k: v for k, v in table1.BUDGETS["gpu"].model.items() if k != "anchor_scale"},
                                hidden=1024, batch_per_image=512, canonical_size=canonical_size("gpu")),
                           Schedule(iterations=18000, batch_size=8, lr=0.02, warmup_iters=500, steps=(13500,), checkpoint_every=1000)),
@@ -81,7 +81,7 @@ DEVIATIONS = {
     "proposals": "the fixed proposals come from our Table 1(c) FPN RPN of the same preset",
     "conv5_on_cpu": "smoke/cpu: the conv5-head row trains on 32 RoIs per image and is tested on 300 proposals "
                     "(``CONV5_ON_CPU``: the conv5 stage per RoI is too slow for a CPU otherwise)",
-    "canonical_size": "Eq. (1)'s 224 is scaled with the anchors (112 at 320 px images), so that RoIs spread "
+    "canonical_size": "Eq. (1)'s 224 is scaled with the anchors (78 at 224 px images), so that RoIs spread "
                       "over P2..P5 as they do at 800 px",
 }
 
@@ -129,6 +129,7 @@ def build_row(variant: str, preset: str, num_classes: int, seed: int = 0) -> Fas
     return FastRCNN(FastRCNNConfig(variant=variant, num_classes=num_classes, **dict(BUDGETS[preset].model, **light)))
 
 
+@reuse_evaluated
 def run_row(variant: str, preset: str, data_root, proposals: dict[str, Path], out_dir, seed: int = 0,
             device: str = "cpu", iterations: int | None = None, progress: bool = True) -> dict:
     """Train row ``variant`` on the fixed proposals (or load its finished checkpoint), then its
@@ -150,7 +151,8 @@ def run_row(variant: str, preset: str, data_root, proposals: dict[str, Path], ou
 
 
 def run_table2(preset: str, data_root, table1_runs, runs_dir, out_dir, seed: int = 0, device: str = "cpu",
-               variants=tuple(ROWS.values()), progress: bool = True, iterations: int | None = None) -> dict:
+               variants=tuple(ROWS.values()), progress: bool = True, iterations: int | None = None,
+               jobs: int = 1) -> dict:
     """Fixed proposals from Table 1(c), then every row; writes ``out_dir/table2.json`` after each
     row and ``out_dir/table2.md`` at the end."""
     out_dir, runs_dir = Path(out_dir), Path(runs_dir)
@@ -161,11 +163,9 @@ def run_table2(preset: str, data_root, table1_runs, runs_dir, out_dir, seed: int
               "deviations": {k: v for k, v in DEVIATIONS.items() if k not in BUDGETS or k == preset},
               "budget": {"model": BUDGETS[preset].model, "schedule": vars(BUDGETS[preset].schedule)}}
 
-    def row(variant: str) -> dict:
-        return run_row(variant, preset, data_root, proposals, runs_dir / variant,
-                       seed=seed, device=device, iterations=iterations, progress=progress)
-
-    return run_rows(record, variants, row, out_dir, render_table2, preset, seed, device)
+    row = RowJob(run_row, runs_dir, dict(preset=preset, data_root=data_root, proposals=proposals, seed=seed, device=device,
+                                       iterations=iterations, progress=progress and jobs == 1))
+    return run_rows(record, variants, row, out_dir, render_table2, preset, seed, device, jobs=jobs)
 
 
 CLAIMS = (

@@ -21,7 +21,7 @@ from fpnlib.engine.evaluate import box_ap
 from fpnlib.engine.inference import predict
 from fpnlib.engine.train import Schedule, derive_seed, load_checkpoint, shortened, train
 from fpnlib.experiments import table1, table2
-from fpnlib.experiments.tables import Claim, check_claims, final_losses, render_table, run_rows
+from fpnlib.experiments.tables import Claim, RowJob, check_claims, reuse_evaluated, final_losses, render_table, run_rows
 from fpnlib.modeling.faster_rcnn import FasterRCNN, FasterRCNNConfig
 from fpnlib.modeling.rpn import RPNConfig
 
@@ -48,7 +48,7 @@ BUDGETS = {
     "smoke": FasterRCNNBudget(_budget("smoke", hidden=128, batch_per_image=128),
                               Schedule(iterations=200, batch_size=4, lr=0.02, warmup_iters=50, steps=(160,), checkpoint_every=100)),
     "cpu": FasterRCNNBudget(_budget("cpu", hidden=512, batch_per_image=256),
-                            Schedule(iterations=1000, batch_size=4, lr=0.02, warmup_iters=200, steps=(800,), checkpoint_every=250)),
+                            Schedule(iterations=300, batch_size=4, lr=0.02, warmup_iters=50, steps=(240,), checkpoint_every=100)),
     "gpu": FasterRCNNBudget(_budget("gpu", hidden=1024, batch_per_image=512),
                             Schedule(iterations=12000, batch_size=8, lr=0.02, warmup_iters=500, steps=(9000,), checkpoint_every=1000)),
     # Sec. 5.2.2 trains RPN and Fast R-CNN separately with the schedules of 5.1 and 5.2.1; one
@@ -58,12 +58,12 @@ BUDGETS = {
 }
 DEVIATIONS = {
     "smoke": "slim ResNet-18 from scratch (as Table 1), 2fc of 128, 128 RoIs per image, 200 iterations",
-    "cpu": "slim ResNet-18 from scratch (as Table 1), 2fc of 512 instead of 1024, 256 RoIs per image, 1000 iterations",
+    "cpu": "slim ResNet-18 from scratch (as Table 1), 2fc of 512 instead of 1024, 256 RoIs per image, 300 iterations",
     "gpu": "ResNet-50 GroupNorm from scratch (as Table 1)",
     "training": "RPN and detector trained jointly (approximate joint training, proposals as constants) instead "
                 "of one after the other; with unshared features the two losses touch disjoint weights",
     "conv5_on_cpu": table2.DEVIATIONS["conv5_on_cpu"],
-    "canonical_size": "Eq. (1)'s 224 is scaled with the anchors (112 at 320 px images)",
+    "canonical_size": "Eq. (1)'s 224 is scaled with the anchors (78 at 224 px images)",
     "single_map_candidates": "rows (a), (b): the RPN keeps 12000/6000 candidates before NMS on its one map "
                              "(Table 1's ``SINGLE_MAP_CANDIDATES``)",
 }
@@ -110,6 +110,7 @@ def detection_metrics(model, val_set, device: str = "cpu", progress: bool = True
     return box_ap(val_set.coco, dets, val_set.label_to_cat_id), per_image
 
 
+@reuse_evaluated
 def run_row(variant: str, preset: str, data_root, out_dir, seed: int = 0, device: str = "cpu",
             iterations: int | None = None, progress: bool = True) -> dict:
     """Train row ``variant`` (or load its finished checkpoint), then its box AP on val."""
@@ -127,7 +128,8 @@ def run_row(variant: str, preset: str, data_root, out_dir, seed: int = 0, device
 
 
 def run_table3(preset: str, data_root, runs_dir, out_dir, seed: int = 0, device: str = "cpu",
-               variants=tuple(ROWS.values()), progress: bool = True, iterations: int | None = None) -> dict:
+               variants=tuple(ROWS.values()), progress: bool = True, iterations: int | None = None,
+               jobs: int = 1) -> dict:
     """Every row; writes ``out_dir/table3.json`` after each row and ``out_dir/table3.md`` at the end."""
     out_dir, runs_dir = Path(out_dir), Path(runs_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -135,11 +137,9 @@ def run_table3(preset: str, data_root, runs_dir, out_dir, seed: int = 0, device:
               "budget": {"model": BUDGETS[preset].model, "schedule": vars(BUDGETS[preset].schedule),
                          "row_overrides": ROW_OVERRIDES, "conv5_on_cpu": table2.light_conv5("c4_conv5", preset)}}
 
-    def row(variant: str) -> dict:
-        return run_row(variant, preset, data_root, runs_dir / variant,
-                       seed=seed, device=device, iterations=iterations, progress=progress)
-
-    return run_rows(record, variants, row, out_dir, render_table3, preset, seed, device)
+    row = RowJob(run_row, runs_dir, dict(preset=preset, data_root=data_root, seed=seed, device=device,
+                                       iterations=iterations, progress=progress and jobs == 1))
+    return run_rows(record, variants, row, out_dir, render_table3, preset, seed, device, jobs=jobs)
 
 
 CLAIMS = (

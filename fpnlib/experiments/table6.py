@@ -21,7 +21,7 @@ from fpnlib.data.coco import load_coco_split
 from fpnlib.data.transforms import boxes_to_original, build_transforms, collate_fn
 from fpnlib.engine.evaluate import segment_proposal_recall
 from fpnlib.engine.train import Schedule, derive_seed, shortened, train
-from fpnlib.experiments.tables import Claim, check_claims, final_losses, render_table, run_rows
+from fpnlib.experiments.tables import Claim, RowJob, check_claims, reuse_evaluated, final_losses, render_table, run_rows
 from fpnlib.modeling.segment_proposals import SegmentProposalNet, build_segment_model, paste_masks
 
 # the paper's row text -> our row
@@ -49,8 +49,8 @@ _SLIM = dict(depth=18, width=32, norm="gn", freeze_at=0, fpn_channels=64)  # Tab
 BUDGETS = {
     "smoke": SegmentBudget(dict(_SLIM, hidden=128, scale=0.25),
                            Schedule(iterations=150, batch_size=4, lr=0.02, warmup_iters=30, steps=(120,), checkpoint_every=100)),
-    "cpu": SegmentBudget(dict(_SLIM, hidden=256, scale=0.5),
-                         Schedule(iterations=300, batch_size=4, lr=0.02, warmup_iters=50, steps=(240,), checkpoint_every=50)),
+    "cpu": SegmentBudget(dict(_SLIM, hidden=256, scale=0.35),
+                         Schedule(iterations=200, batch_size=4, lr=0.02, warmup_iters=50, steps=(160,), checkpoint_every=50)),
     "gpu": SegmentBudget(dict(depth=50, width=64, norm="gn", freeze_at=0, fpn_channels=128, hidden=512, scale=0.8),
                          Schedule(iterations=12000, batch_size=8, lr=0.02, warmup_iters=500, steps=(9000,), checkpoint_every=1000)),
     # Appendix A: lr 0.03 for 80k iterations of 16 images, /10 at 60k; 800 px, no scale jitter
@@ -61,11 +61,11 @@ DEVIATIONS = {
     "smoke": "slim ResNet-18 (width 32), GroupNorm, from scratch; d=64; MLP hidden 128; canonical scales and "
              "windows x0.25 (8..128 px, windows 10..160 px at 160 px images); 150 iterations of 4 images",
     "cpu": "slim ResNet-18 (width 32), GroupNorm, from scratch; d=64 instead of 128; MLP hidden 256 instead of 512; "
-           "canonical scales and windows x0.5 (16..256 px, windows 20..320 px at 320 px images); "
-           "300 iterations of 4 images (measured 0.84 s/iteration for the dual MLP on an idle 2-core CPU)",
+           "canonical scales and windows x0.35 (11..179 px, windows 14..224 px at 224 px images); "
+           "200 iterations of 4 images",
     "gpu": "ResNet-50, GroupNorm, from scratch; canonical scales and windows x0.8 (640 px images)",
     "scales": "the level strides are not scaled with the canonical scales, so a window spans fewer cells "
-              "than in the paper (10 cells of P2 at scale 1, 5 at x0.5)",
+              "than in the paper (10 cells of P2 at scale 1, 3.5 at x0.35)",
     "training": "the MLPs are evaluated only at the 128 sampled locations per image during training "
                 "(same values as the fully convolutional pass there); inference is fully convolutional",
     "row_lr": "cpu: the 2x-mask row trains at lr 0.01 instead of 0.02, at which it diverged (``ROW_LR``)",
@@ -149,6 +149,7 @@ def evaluate_segments(model: SegmentProposalNet, dataset, device: str | torch.de
     return segment_proposal_recall(dataset.coco, proposals), seconds
 
 
+@reuse_evaluated
 def run_row(variant: str, preset: str, data_root, out_dir, seed: int = 0, device: str = "cpu",
             iterations: int | None = None, progress: bool = True) -> dict:
     """Train row ``variant`` (or resume / load its checkpoint in ``out_dir``), then its segment AR
@@ -171,7 +172,8 @@ def run_row(variant: str, preset: str, data_root, out_dir, seed: int = 0, device
 
 
 def run_table6(preset: str, data_root, runs_dir, out_dir, seed: int = 0, device: str = "cpu",
-               variants=tuple(ROWS.values()), progress: bool = True, iterations: int | None = None) -> dict:
+               variants=tuple(ROWS.values()), progress: bool = True, iterations: int | None = None,
+               jobs: int = 1) -> dict:
     """Train and evaluate every row; write ``out_dir/table6.json`` after each row and
     ``out_dir/table6.md`` at the end. Finished rows are loaded from ``runs_dir/<row>``."""
     out_dir, runs_dir = Path(out_dir), Path(runs_dir)
@@ -181,11 +183,9 @@ def run_table6(preset: str, data_root, runs_dir, out_dir, seed: int = 0, device:
               "budget": {"model": BUDGETS[preset].model, "schedule": vars(BUDGETS[preset].schedule),
                          "row_models": ROW_MODELS, "dual_2x_train": "twice the schedule"}}
 
-    def row(variant: str) -> dict:
-        return run_row(variant, preset, data_root, runs_dir / variant,
-                       seed=seed, device=device, iterations=iterations, progress=progress)
-
-    return run_rows(record, variants, row, out_dir, render_table6, preset, seed, device)
+    row = RowJob(run_row, runs_dir, dict(preset=preset, data_root=data_root, seed=seed, device=device,
+                                       iterations=iterations, progress=progress and jobs == 1))
+    return run_rows(record, variants, row, out_dir, render_table6, preset, seed, device, jobs=jobs)
 
 
 CLAIMS = (
