@@ -11,11 +11,12 @@ PRESET ?= cpu
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.fpnlib-installed
 
-.PHONY: help setup test reproduce data lab student clean-data
+.PHONY: help setup test reproduce bench data lab student clean-data
 
 help:
 	@echo "make reproduce   run the whole reproduction under PRESET=$(PRESET)"
 	@echo "make test        run the tests (unit + notebooks under smoke)"
+	@echo "make bench       fpnlib beside torchvision's FasterRCNN (same configuration) -> results/bench/"
 	@echo "make data        generate the embedded data set for PRESET"
 	@echo "make lab         open the notebooks in JupyterLab"
 	@echo "make student     write student/: the notebooks with the exercises' solutions stripped"
@@ -34,6 +35,9 @@ test: $(STAMP)
 
 reproduce: $(STAMP)
 	$(PY) -m fpnlib reproduce --preset $(PRESET)
+
+bench: $(STAMP)
+	$(PY) -m fpnlib bench
 
 data: $(STAMP)
 	$(PY) -m fpnlib data --preset $(PRESET) --root data/$(PRESET)

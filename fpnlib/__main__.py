@@ -69,8 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     verbs.add_parser("report", help="rewrite README's result blocks from results/")
 
+    p = verbs.add_parser("preset", help="print everything a preset sets: data, and per table the model and schedule")
+    p.add_argument("name", choices=sorted(PRESETS))
+
     p = verbs.add_parser("student", help="write the student edition of the notebooks: solutions stubbed, outputs cleared")
     p.add_argument("--out", default="student", help="output folder (default: student/)")
+
+    p = verbs.add_parser("bench", help="fpnlib beside torchvision's FasterRCNN, same configuration: "
+                         "images/s, per-stage time, peak memory -> results/bench/<hardware>.json")
+    p.add_argument("--configs", nargs="*", default=None,
+                   help="cpu_preset, r50_fpn (512 px), r50_fpn_gpu (800x1333); default: the two of the device")
+    p.add_argument("--reps", type=int, default=10, help="timed repetitions per library and mode (after warm-up)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    p.add_argument("--out", default=None, help="output folder (default: results/bench/)")
     return parser
 
 
@@ -252,11 +265,22 @@ def main(argv: list[str] | None = None) -> int:
         from fpnlib.report import README, update_readme
 
         print(f"{README}: {'updated' if update_readme() else 'already in sync with results/'}")
+    elif args.verb == "preset":
+        from fpnlib.config import describe_preset
+
+        print(json.dumps(describe_preset(args.name), indent=1, default=list))
     elif args.verb == "student":
         from fpnlib.student import write_student_editions
 
         for path in write_student_editions(args.out):
             print(path)
+    elif args.verb == "bench":
+        from fpnlib.bench import BENCH_DIR, bench, summary
+
+        path = bench(args.configs, reps=args.reps, warmup=args.warmup, device=args.device,
+                     out_dir=Path(args.out) if args.out else BENCH_DIR, memory=not args.no_memory)
+        print(summary(json.loads(path.read_text())))
+        print(f"written: {path}")
     return 0
 
 

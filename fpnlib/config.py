@@ -48,6 +48,23 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def describe_preset(name: str) -> dict:
+    """Everything a preset sets, in one place: its data and, per table, the model and schedule
+    (each table keeps its budgets beside its rows, as dataclasses keyed by preset name)."""
+    from dataclasses import asdict
+
+    from fpnlib.experiments import table1, table2, table3, table5, table6
+
+    preset = get_preset(name)
+    out = {"name": name, "data": asdict(preset.data) if preset.data else {"coco_root": preset.coco_root}}
+    for n, module in ((1, table1), (2, table2), (3, table3), (6, table6)):
+        budget = module.BUDGETS[name]
+        out[f"table{n}"] = {"model": budget.model, "schedule": asdict(budget.schedule),
+                            "row_lr": getattr(module, "ROW_LR", {}).get(name, {})}
+    out["table5"] = {"steps_3_4": [asdict(table5.BUDGETS[name].rpn), asdict(table5.BUDGETS[name].head)]}
+    return out
+
+
 def get_preset(name: str, **overrides) -> Preset:
     """Return the preset ``name``; keyword overrides replace its data fields."""
     if name not in PRESETS:

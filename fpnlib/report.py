@@ -54,9 +54,12 @@ def _table_block(n: int, results_dir: Path, preset: str) -> str:
     return render(json.loads(path.read_text()))
 
 
-def render_table1_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> str:
-    """Table 1 (RPN proposals) of ``preset``."""
-    return _table_block(1, results_dir, preset)
+def _table_renderer(n: int):
+    def render(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> str:
+        return _table_block(n, results_dir, preset)
+
+    render.__doc__ = f"Table {n} of ``preset`` as ``fpnlib.experiments.table{n}`` renders it."
+    return render
 
 
 def render_figure1_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> str:
@@ -76,9 +79,40 @@ def render_figure1_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -
     return "\n".join(rows)
 
 
-def render_table6_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> str:
-    """Table 6 (segment proposals) of ``preset``."""
-    return _table_block(6, results_dir, preset)
+def render_reproduce_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> str:
+    """Wall time of each step of the last ``make reproduce`` (``reproduce_times.json``)."""
+    path = Path(results_dir) / preset / "reproduce_times.json"
+    if not path.exists():
+        return f"_No recorded `make reproduce` yet: it writes `results/{preset}/reproduce_times.json`._"
+    rec = json.loads(path.read_text())
+    secs = rec["seconds"]
+    rows = ["| step | wall time |", "|---|---|"]
+    rows += [f"| {step} | {s / 60:.1f} min |" for step, s in secs.items()]
+    rows += [f"| **all** | **{sum(secs.values()) / 60:.1f} min** |", "",
+             f"From `results/{preset}/reproduce_times.json` ({_provenance_line(rec['provenance'])}); rows trained "
+             f"{rec['provenance'].get('row_jobs', 1)} at a time."]
+    return "\n".join(rows)
+
+
+def render_bench_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> str:
+    """Every ``results/bench/<hardware>.json``: images/s beside torchvision and where the time goes."""
+    from fpnlib.bench import summary
+
+    files = sorted((Path(results_dir) / "bench").glob("*.json"))
+    if not files:
+        return "_No recorded benchmark yet: run `make bench` (writes `results/bench/<hardware>.json`)._"
+    out = []
+    for path in files:
+        rec = json.loads(path.read_text())
+        out += [f"`results/bench/{path.name}` ({_provenance_line(rec['provenance'])}):", "", summary(rec), ""]
+        for name, r in rec["configs"].items():
+            for mode in ("train", "infer"):
+                st = r[mode]["fpnlib_stages"]
+                top = sorted(st["seconds"].items(), key=lambda kv: -kv[1])[:5]
+                out.append(f"- {name}, {mode} step {1000 * st['step_s']:.0f} ms: " + ", ".join(
+                    f"{k} {100 * v / st['step_s']:.0f}%" for k, v in top))
+        out.append("")
+    return "\n".join(out).rstrip()
 
 
 def render_claims_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> str:
@@ -104,8 +138,9 @@ def render_notebooks_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu")
     return "\n".join(rows)
 
 
-BLOCKS = {"data": render_data_block, "figure1": render_figure1_block, "table1": render_table1_block,
-          "table6": render_table6_block, "claims": render_claims_block, "notebooks": render_notebooks_block}
+BLOCKS = {"data": render_data_block, "figure1": render_figure1_block, "reproduce": render_reproduce_block,
+          **{f"table{n}": _table_renderer(n) for n in (1, 2, 3, 5, 6)},
+          "claims": render_claims_block, "notebooks": render_notebooks_block, "bench": render_bench_block}
 
 
 def render_readme(text: str, results_dir: Path = RESULTS_DIR) -> str:

@@ -71,3 +71,17 @@ def test_unknown_or_dependent_row_gives_one_clear_error(args, expected):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], out.stderr
+
+
+def test_preset_verb_shows_every_table_budget():
+    from fpnlib.config import PRESETS, describe_preset
+    from fpnlib.experiments import table1, table3
+
+    for name in PRESETS:
+        d = describe_preset(name)
+        assert {"data", "table1", "table2", "table3", "table5", "table6"} <= set(d)
+    cpu = describe_preset("cpu")
+    assert cpu["table1"]["model"] == table1.BUDGETS["cpu"].model
+    assert cpu["table3"]["schedule"]["iterations"] == table3.BUDGETS["cpu"].schedule.iterations
+    assert cpu["table1"]["row_lr"] == table1.ROW_LR["cpu"]
+    assert describe_preset("paper")["data"] == {"coco_root": "data/coco"}

@@ -21,7 +21,7 @@ import sys
 from fpnlib.reproduce import lesson_notebooks
 
 MARK = "NBVAL_CHECK_OUTPUT"
-MUST_HAVE_FACTS = ("01", "02", "03")  # 05 joins once its Eq. (1) cell is marked and executed
+MUST_HAVE_FACTS = ("01", "02", "03", "05", "07")
 
 
 def _src(cell) -> str:

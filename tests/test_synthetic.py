@@ -105,7 +105,10 @@ def test_cpu_preset_fills_all_coco_scale_buckets(cpu_sample):
     large = np.mean(areas > 96**2)
     assert small >= 0.30, small
     assert medium >= 0.30, medium
-    assert large >= 0.15, large
+    # COCO's large limit (96 px) is 43% of the cpu preset's 224 px shorter side: log-uniform sides
+    # up to 0.8 x 224 put ~12% of objects there (12.1% of this sample, 12.6% of the train split);
+    # at the preset's former 320 px it was over 15%.
+    assert large >= 0.10, large
     # Objects span >= 4 octaves of side (sqrt area), measured robustly (2nd..98th pct).
     sides = np.sqrt(areas)
     assert np.log2(np.percentile(sides, 98) / np.percentile(sides, 2)) >= 4

@@ -47,8 +47,8 @@ def _budget(preset: str, **head) -> dict:
 BUDGETS = {
     "smoke": FasterRCNNBudget(_budget("smoke", hidden=128, batch_per_image=128),
                               Schedule(iterations=200, batch_size=4, lr=0.02, warmup_iters=50, steps=(160,), checkpoint_every=100)),
-    "cpu": FasterRCNNBudget(_budget("cpu", hidden=512, batch_per_image=256),
-                            Schedule(iterations=300, batch_size=4, lr=0.02, warmup_iters=50, steps=(240,), checkpoint_every=100)),
+    "cpu": FasterRCNNBudget(_budget("cpu", hidden=512, batch_per_image=128),
+                            Schedule(iterations=200, batch_size=4, lr=0.02, warmup_iters=50, steps=(160,), checkpoint_every=100)),
     "gpu": FasterRCNNBudget(_budget("gpu", hidden=1024, batch_per_image=512),
                             Schedule(iterations=12000, batch_size=8, lr=0.02, warmup_iters=500, steps=(9000,), checkpoint_every=1000)),
     # Sec. 5.2.2 trains RPN and Fast R-CNN separately with the schedules of 5.1 and 5.2.1; one
@@ -58,7 +58,8 @@ BUDGETS = {
 }
 DEVIATIONS = {
     "smoke": "slim ResNet-18 from scratch (as Table 1), 2fc of 128, 128 RoIs per image, 200 iterations",
-    "cpu": "slim ResNet-18 from scratch (as Table 1), 2fc of 512 instead of 1024, 256 RoIs per image, 300 iterations",
+    "cpu": "slim ResNet-18 from scratch (as Table 1), 2fc of 512 instead of 1024, 128 RoIs per image, 200 iterations, "
+           "300 test proposals per image (Table 2's ``TEST_PROPOSALS``)",
     "gpu": "ResNet-50 GroupNorm from scratch (as Table 1)",
     "training": "RPN and detector trained jointly (approximate joint training, proposals as constants) instead "
                 "of one after the other; with unshared features the two losses touch disjoint weights",
@@ -78,7 +79,7 @@ def _sizes(preset: str) -> tuple[int, int]:
 def build_row(variant: str, preset: str, num_classes: int, seed: int = 0, share_features: bool = False) -> FasterRCNN:
     """The untrained detector of row ``variant`` under ``preset``'s budget (seeded init)."""
     torch.manual_seed(derive_seed(seed, 1))
-    light = table2.light_conv5(variant, preset)
+    light = table2.light_settings(variant, preset)
     rpn = replace(RPNConfig(), **ROW_OVERRIDES.get(variant, {}))
     if "test_proposals" in light:
         rpn = replace(rpn, post_nms_top_n_test=light["test_proposals"])
@@ -135,7 +136,7 @@ def run_table3(preset: str, data_root, runs_dir, out_dir, seed: int = 0, device:
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {"table": 3, "rows": {}, "deviations": {k: v for k, v in DEVIATIONS.items() if k not in BUDGETS or k == preset},
               "budget": {"model": BUDGETS[preset].model, "schedule": vars(BUDGETS[preset].schedule),
-                         "row_overrides": ROW_OVERRIDES, "conv5_on_cpu": table2.light_conv5("c4_conv5", preset)}}
+                         "row_overrides": ROW_OVERRIDES, "light_settings": table2.light_settings("c4_conv5", preset)}}
 
     row = RowJob(run_row, runs_dir, dict(preset=preset, data_root=data_root, seed=seed, device=device,
                                        iterations=iterations, progress=progress and jobs == 1))

@@ -50,7 +50,7 @@ BUDGETS = {
     "smoke": SegmentBudget(dict(_SLIM, hidden=128, scale=0.25),
                            Schedule(iterations=150, batch_size=4, lr=0.02, warmup_iters=30, steps=(120,), checkpoint_every=100)),
     "cpu": SegmentBudget(dict(_SLIM, hidden=256, scale=0.35),
-                         Schedule(iterations=200, batch_size=4, lr=0.02, warmup_iters=50, steps=(160,), checkpoint_every=50)),
+                         Schedule(iterations=150, batch_size=4, lr=0.02, warmup_iters=50, steps=(120,), checkpoint_every=50)),
     "gpu": SegmentBudget(dict(depth=50, width=64, norm="gn", freeze_at=0, fpn_channels=128, hidden=512, scale=0.8),
                          Schedule(iterations=12000, batch_size=8, lr=0.02, warmup_iters=500, steps=(9000,), checkpoint_every=1000)),
     # Appendix A: lr 0.03 for 80k iterations of 16 images, /10 at 60k; 800 px, no scale jitter
@@ -62,7 +62,7 @@ DEVIATIONS = {
              "windows x0.25 (8..128 px, windows 10..160 px at 160 px images); 150 iterations of 4 images",
     "cpu": "slim ResNet-18 (width 32), GroupNorm, from scratch; d=64 instead of 128; MLP hidden 256 instead of 512; "
            "canonical scales and windows x0.35 (11..179 px, windows 14..224 px at 224 px images); "
-           "200 iterations of 4 images",
+           "150 iterations of 4 images",
     "gpu": "ResNet-50, GroupNorm, from scratch; canonical scales and windows x0.8 (640 px images)",
     "scales": "the level strides are not scaled with the canonical scales, so a window spans fewer cells "
               "than in the paper (10 cells of P2 at scale 1, 3.5 at x0.35)",

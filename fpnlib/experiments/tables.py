@@ -157,6 +157,18 @@ def reuse_evaluated(run_row: Callable[..., dict]) -> Callable[..., dict]:
     return wrapper
 
 
+def how_obtained(row: dict) -> str:
+    """How a ``run_row`` call got its row, in words for the notebooks: reused (checkpoint and
+    evaluation of an earlier run, see ``reuse_evaluated``), loaded (checkpoint, evaluated now)
+    or trained now (from scratch or resumed)."""
+    if row.get("reused_from"):
+        return "reused: checkpoint and evaluation of an earlier run (unchanged checkpoint)"
+    if row.get("trained_from_iteration") == row.get("iterations"):
+        return "loaded from its checkpoint, evaluated now"
+    start = row.get("trained_from_iteration") or 0
+    return "trained now" + (f" (resumed at iteration {start})" if start else "")
+
+
 def run_rows(record: dict, variants: Sequence[str], run_one: Callable[[str], dict], out_dir: Path,
              render: Callable[[dict], str], preset: str, seed: int, device, jobs: int = 1) -> dict:
     """Run each row (``run_one(variant)`` returns its dict, with its wall time: see

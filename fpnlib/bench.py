@@ -1,0 +1,403 @@
+"""fpnlib beside torchvision's ``FasterRCNN``, same configuration, same process (``python -m fpnlib bench``).
+
+Two configurations:
+
+* ``cpu_preset``: the FPN Faster R-CNN of the ``cpu`` preset with shared features (Table 5):
+  slim ResNet-18 (width 32, GroupNorm), d = 64, anchors x0.35, 2fc of 512, 256 RoIs per image,
+  224 px images, batch 4. torchvision gets the *same* backbone and pyramid modules (a copy of
+  fpnlib's, wrapped as its ``backbone``), so the comparison is about everything the paper adds
+  on top: anchors, RPN, proposal selection, Eq. (1) and RoI extraction, the head, post-processing.
+* ``r50_fpn``: ``fasterrcnn_resnet50_fpn`` (FrozenBN, three trainable stages) against fpnlib's
+  ``torchvision_faster_rcnn_config``, at 512 px on a CPU (800 x 1333 on CUDA).
+
+Both models of a configuration carry the same weights (torchvision's, converted), so they make
+the same proposals and detections, and their inputs go through the same pipeline (ImageNet
+normalisation and resize inside the timed call: torchvision's ``GeneralizedRCNNTransform``,
+fpnlib's ``torchvision_interop.preprocess``). Steps alternate between the two libraries; after
+warm-up, the median of the repetitions is reported with the ratio fpnlib / torchvision (> 1:
+fpnlib is faster). Peak memory is measured in a fresh process per (library, mode) on a CPU
+(the largest resident set during the steps, over the resident set before them) and by
+``torch.cuda.max_memory_allocated`` on CUDA. Numbers are measured, never asserted: the machine
+is noisy, so targets are read from the ratios, not tested as times.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+from collections import OrderedDict, defaultdict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fpnlib.provenance import REPO_ROOT, provenance
+
+BENCH_DIR = REPO_ROOT / "results" / "bench"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One side-by-side configuration."""
+
+    name: str
+    min_size: int
+    max_size: int
+    batch: int
+    num_classes: int = 8  # object classes, background not counted (fpnlib's convention)
+
+
+CONFIGS = {
+    "cpu_preset": BenchConfig("cpu_preset", 224, 299, batch=4),
+    "r50_fpn": BenchConfig("r50_fpn", 512, 853, batch=2, num_classes=90),
+    "r50_fpn_gpu": BenchConfig("r50_fpn_gpu", 800, 1333, batch=8, num_classes=90),
+    "tiny": BenchConfig("tiny", 96, 128, batch=2),  # the test's: seconds, not a measurement
+}
+
+
+def _cpu_preset_overrides(cfg: BenchConfig) -> dict:
+    from fpnlib.experiments import table3
+
+    model = table3.BUDGETS["cpu"].model
+    keep = ("depth", "width", "norm", "freeze_at", "fpn_channels", "anchor_scale", "hidden", "batch_per_image",
+            "canonical_size")
+    out = {k: model[k] for k in keep}
+    # torchvision's LevelMapper takes an integer canonical scale: both sides get the same one
+    out["canonical_size"] = float(round(out["canonical_size"]))
+    if cfg.name == "tiny":
+        out.update(width=16, fpn_channels=32, hidden=64, batch_per_image=64)
+    return out
+
+
+class _PyramidBody(nn.Module):
+    """fpnlib's backbone + FPN as a torchvision detection backbone: an ordered dict of maps
+    named as torchvision's ``BackboneWithFPN`` names them, and ``out_channels``."""
+
+    def __init__(self, backbone: nn.Module, neck: nn.Module, channels: int):
+        super().__init__()
+        self.backbone, self.neck, self.out_channels = backbone, neck, channels
+
+    def forward(self, x):
+        p = self.neck(self.backbone(x))
+        return OrderedDict([("0", p["p2"]), ("1", p["p3"]), ("2", p["p4"]), ("3", p["p5"]), ("pool", p["p6"])])
+
+
+def build_pair(cfg: BenchConfig, seed: int = 0):
+    """(fpnlib model, torchvision model) of ``cfg`` with the same weights, both in train mode."""
+    from torchvision.models import resnet50
+    from torchvision.models.detection import FasterRCNN as TVFasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+
+    from fpnlib.modeling.faster_rcnn import FasterRCNN
+    from fpnlib.modeling.torchvision_interop import _to_fpnlib, torchvision_faster_rcnn_config
+
+    torch.manual_seed(seed)
+    common = dict(num_classes=cfg.num_classes + 1, min_size=cfg.min_size, max_size=cfg.max_size)
+    if cfg.name.startswith("r50"):
+        ours = FasterRCNN(torchvision_faster_rcnn_config(cfg.num_classes))
+        body = _resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), 3)
+        theirs = TVFasterRCNN(body, **common)
+        state = {_to_fpnlib(k): v for k, v in theirs.state_dict().items() if not k.endswith("num_batches_tracked")}
+    else:
+        over = _cpu_preset_overrides(cfg)
+        ours = FasterRCNN(torchvision_faster_rcnn_config(cfg.num_classes, **over))
+        d, s = over["fpn_channels"], over["anchor_scale"]
+        body = _PyramidBody(copy.deepcopy(ours.backbone), copy.deepcopy(ours.neck), d)
+        theirs = TVFasterRCNN(
+            body, num_classes=None, min_size=cfg.min_size, max_size=cfg.max_size,
+            rpn_anchor_generator=TVAnchorGenerator(tuple((a * s,) for a in (32, 64, 128, 256, 512)),
+                                                   ((0.5, 1.0, 2.0),) * 5),
+            box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2, canonical_scale=int(over["canonical_size"])),
+            box_head=TwoMLPHead(d * 49, over["hidden"]), box_predictor=FastRCNNPredictor(over["hidden"], cfg.num_classes + 1),
+            box_batch_size_per_image=over["batch_per_image"])
+        state = {}
+        for k, v in theirs.state_dict().items():
+            if k.startswith("backbone."):  # _PyramidBody's own names: backbone.{backbone,neck}.*
+                state[k[len("backbone."):]] = v
+            elif (mapped := _to_fpnlib(k)) is not None:
+                state[mapped] = v
+    ours.load_state_dict(state, strict=True)
+    return ours.train(), theirs.train()
+
+
+def synthetic_batch(cfg: BenchConfig, seed: int = 0, device="cpu"):
+    """``cfg.batch`` images in [0, 1] already at the configuration's size (landscape 3:4), each
+    with 6 random boxes: the same inputs for both libraries."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = cfg.min_size, min(cfg.max_size, cfg.min_size * 4 // 3)
+    images, targets = [], []
+    for _ in range(cfg.batch):
+        images.append(torch.rand(3, h, w, generator=g).to(device))
+        xy = torch.rand(6, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
+        wh = 8 + torch.rand(6, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3])
+        targets.append({"boxes": torch.cat([xy, xy + wh], 1).to(device),
+                        "labels": torch.randint(1, cfg.num_classes + 1, (6,), generator=g).to(device)})
+    return images, targets
+
+
+def _sync(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _steps(ours, theirs, cfg: BenchConfig, images, targets, device):
+    """``{library: {"train": step fn, "infer": step fn}}``; a train step is forward + backward + SGD."""
+    from fpnlib.modeling import torchvision_interop as interop  # looked up per call: stage_timer wraps it
+
+    opts = {lib: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+            for lib, m in (("fpnlib", ours), ("torchvision", theirs))}
+
+    def train_ours():
+        ours.train()
+        inputs, _ = interop.preprocess(images, cfg.min_size, cfg.max_size)
+        loss = sum(ours(inputs, targets).values())
+        opts["fpnlib"].zero_grad()
+        loss.backward()
+        opts["fpnlib"].step()
+
+    def train_theirs():
+        theirs.train()
+        loss = sum(theirs(images, targets).values())
+        opts["torchvision"].zero_grad()
+        loss.backward()
+        opts["torchvision"].step()
+
+    def infer_ours():
+        return interop.detect(ours, images, cfg.min_size, cfg.max_size)
+
+    @torch.no_grad()
+    def infer_theirs():
+        theirs.eval()
+        return theirs(images)
+
+    return {"fpnlib": {"train": train_ours, "infer": infer_ours},
+            "torchvision": {"train": train_theirs, "infer": infer_theirs}}
+
+
+def time_alternating(steps: dict, mode: str, reps: int, warmup: int, device) -> dict[str, list[float]]:
+    """Seconds per step of each library, steps alternating (fpnlib, torchvision, fpnlib, ...)."""
+    out = defaultdict(list)
+    for i in range(warmup + reps):
+        for lib, fns in steps.items():
+            _sync(device)
+            t = time.perf_counter()
+            fns[mode]()
+            _sync(device)
+            if i >= warmup:
+                out[lib].append(time.perf_counter() - t)
+    return dict(out)
+
+
+# fpnlib's forward, stage by stage: modules timed by hooks, functions by wrapping the name the
+# caller looks up (module, attribute). Instrumentation only, undone on exit.
+_STAGE_MODULES = (("backbone", "backbone"), ("fpn", "neck"), ("rpn head", "shared_rpn.head"),
+                  ("anchors", "shared_rpn.anchor_generator"), ("box head", "head"), ("box head", "predictor"))
+_STAGE_FUNCTIONS = (
+    ("anchor labeling + sampling + RPN loss", "fpnlib.modeling.rpn", "rpn_losses"),
+    ("proposal selection (top-k, NMS)", "fpnlib.modeling.rpn", "select_proposals"),
+    ("RoI sampling", "fpnlib.modeling.fast_rcnn", "sample_rois"),
+    ("RoI extraction (Eq. 1)", "fpnlib.modeling.fast_rcnn", "pyramid_roi_features"),
+    ("head loss", "fpnlib.modeling.faster_rcnn", "fast_rcnn_losses"),
+    ("post-processing", "fpnlib.modeling.faster_rcnn", "detections_from_head"),
+    ("preprocess (normalise, resize)", "fpnlib.modeling.torchvision_interop", "preprocess"),
+)
+
+
+@contextmanager
+def stage_timer(model: nn.Module, device="cpu"):
+    """Collect seconds per stage of ``model``'s forward into the yielded dict (lists per stage)."""
+    import importlib
+
+    times: dict[str, list[float]] = defaultdict(list)
+    start: dict[str, float] = {}
+    handles, patched = [], []
+    for stage, path in _STAGE_MODULES:
+        module = model.get_submodule(path)
+
+        def pre(_m, _a, stage=stage):
+            _sync(device)
+            start[stage] = time.perf_counter()
+
+        def post(_m, _a, _o, stage=stage):
+            _sync(device)
+            times[stage].append(time.perf_counter() - start[stage])
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    for stage, mod_name, attr in _STAGE_FUNCTIONS:
+        mod = importlib.import_module(mod_name)
+        original = getattr(mod, attr)
+
+        def timed(*a, _f=original, _stage=stage, **k):
+            _sync(device)
+            t = time.perf_counter()
+            out = _f(*a, **k)
+            _sync(device)
+            times[_stage].append(time.perf_counter() - t)
+            return out
+
+        setattr(mod, attr, timed)
+        patched.append((mod, attr, original))
+    try:
+        yield times
+    finally:
+        for h in handles:
+            h.remove()
+        for mod, attr, original in patched:
+            setattr(mod, attr, original)
+
+
+def stage_breakdown(ours, step, reps: int, device) -> dict:
+    """Median seconds per stage of one ``step`` (summed over calls within a step), the step's
+    median, and the share of the step the stages do not cover ("other": backward, SGD, glue)."""
+    per_step: dict[str, list[float]] = defaultdict(list)
+    totals = []
+    for _ in range(reps):
+        with stage_timer(ours, device) as times:
+            _sync(device)
+            t = time.perf_counter()
+            step()
+            _sync(device)
+            totals.append(time.perf_counter() - t)
+        for stage, values in times.items():
+            per_step[stage].append(sum(values))
+    stages = {s: statistics.median(v) for s, v in per_step.items()}
+    total = statistics.median(totals)
+    stages["other (backward + SGD, glue)"] = max(total - sum(stages.values()), 0.0)
+    return {"seconds": {k: round(v, 5) for k, v in stages.items()}, "step_s": round(total, 5)}
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _memory_probe(name: str, lib: str, mode: str, threads: int) -> dict:
+    """In a fresh process: resident set before and at its peak over three steps (MiB)."""
+    import resource
+
+    torch.set_num_threads(threads)
+    cfg = CONFIGS[name]
+    ours, theirs = build_pair(cfg)
+    images, targets = synthetic_batch(cfg)
+    fn = _steps(ours, theirs, cfg, images, targets, "cpu")[lib][mode]
+    before = _rss_kib()
+    for _ in range(3):
+        fn()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"rss_before_mib": round(before / 1024, 1), "peak_rss_mib": round(peak / 1024, 1),
+            "peak_over_before_mib": round((peak - before) / 1024, 1)}
+
+
+def peak_memory(cfg: BenchConfig, ours, theirs, images, targets, device) -> dict:
+    """Peak memory per (library, mode): CUDA allocator peak, or a fresh process's RSS on a CPU."""
+    out = {}
+    if str(device).startswith("cuda"):
+        steps = _steps(ours, theirs, cfg, images, targets, device)
+        for lib, fns in steps.items():
+            for mode, fn in fns.items():
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                fn()
+                torch.cuda.synchronize()
+                out[f"{lib}_{mode}"] = {"peak_over_before_mib": round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)}
+        return out
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        for lib in ("fpnlib", "torchvision"):
+            for mode in ("train", "infer"):
+                out[f"{lib}_{mode}"] = pool.submit(_memory_probe, cfg.name, lib, mode, torch.get_num_threads()).result()
+    return out
+
+
+def same_outputs(ours, theirs, cfg: BenchConfig, images) -> dict:
+    """Largest difference between the two libraries' detections on the bench input (they hold
+    the same weights): a benchmark of two different computations would mean nothing."""
+    from fpnlib.modeling.torchvision_interop import detect
+
+    a = detect(ours, images, cfg.min_size, cfg.max_size)
+    with torch.no_grad():
+        theirs.eval()
+        b = theirs(images)
+    counts = [(len(x["boxes"]), len(y["boxes"])) for x, y in zip(a, b)]
+    diffs = [float((x["boxes"] - y["boxes"]).abs().max()) for x, y in zip(a, b) if len(x["boxes"]) == len(y["boxes"]) and len(x["boxes"])]
+    return {"detections_per_image": counts, "max_box_difference_px": max(diffs) if diffs else 0.0}
+
+
+def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", memory: bool = True,
+               progress: bool = True) -> dict:
+    """Everything measured for configuration ``name``."""
+    cfg = CONFIGS[name]
+    ours, theirs = build_pair(cfg)
+    ours, theirs = ours.to(device), theirs.to(device)
+    images, targets = synthetic_batch(cfg, device=device)
+    steps = _steps(ours, theirs, cfg, images, targets, device)
+    record = {"config": asdict(cfg), "device": device, "reps": reps, "warmup": warmup,
+              "same_outputs": same_outputs(ours, theirs, cfg, images)}
+    for mode in ("infer", "train"):
+        if progress:
+            print(f"[bench] {name}: {mode}, {reps} alternating repetitions after {warmup} warm-up", flush=True)
+        secs = time_alternating(steps, mode, reps, warmup, device)
+        med = {lib: statistics.median(v) for lib, v in secs.items()}
+        record[mode] = {
+            "seconds_per_step": {lib: [round(x, 5) for x in v] for lib, v in secs.items()},
+            "median_s": {lib: round(v, 5) for lib, v in med.items()},
+            "images_per_s": {lib: round(cfg.batch / v, 3) for lib, v in med.items()},
+            "speedup_fpnlib_over_torchvision": round(med["torchvision"] / med["fpnlib"], 3),
+        }
+        record[mode]["fpnlib_stages"] = stage_breakdown(ours, steps["fpnlib"][mode], max(3, reps // 2), device)
+    if memory:
+        if progress:
+            print(f"[bench] {name}: peak memory", flush=True)
+        record["peak_memory"] = peak_memory(cfg, ours, theirs, images, targets, device)
+    return record
+
+
+def hardware_slug() -> str:
+    """A file name for this machine: ``cuda-<gpu>`` or ``cpu-<model>-<cores>c``."""
+    import os
+    import re
+
+    from fpnlib.provenance import hardware
+
+    hw = hardware()
+    name = f"cuda-{hw['gpu']}" if hw.get("gpu") else f"cpu-{hw['cpu']}-{os.cpu_count()}c"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def bench(configs=None, reps: int = 10, warmup: int = 2, device: str | None = None, out_dir: Path = BENCH_DIR,
+          memory: bool = True, progress: bool = True) -> Path:
+    """Run the configurations (default: the two of this device) and write
+    ``out_dir/<hardware>.json`` with provenance; returns its path."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if configs is None:
+        configs = ("cpu_preset", "r50_fpn_gpu" if device.startswith("cuda") else "r50_fpn")
+    t0 = time.perf_counter()
+    record = {"configs": {}}
+    out = Path(out_dir) / f"{hardware_slug()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for name in configs:
+        record["configs"][name] = run_config(name, reps, warmup, device, memory, progress)
+        record["provenance"] = provenance("bench", 0, time.perf_counter() - t0, device=device)
+        out.write_text(json.dumps(record, indent=1) + "\n")
+    return out
+
+
+def summary(record: dict) -> str:
+    """Markdown: images/s of both libraries and their ratio, per configuration and mode."""
+    lines = ["| configuration | mode | fpnlib img/s | torchvision img/s | fpnlib / torchvision |", "|---|---|---|---|---|"]
+    for name, r in record["configs"].items():
+        for mode in ("train", "infer"):
+            ips = r[mode]["images_per_s"]
+            lines.append(f"| {name} | {mode} | {ips['fpnlib']:.2f} | {ips['torchvision']:.2f} | "
+                         f"{r[mode]['speedup_fpnlib_over_torchvision']:.2f}x |")
+    return "\n".join(lines)

@@ -1,0 +1,78 @@
+"""The benchmark beside torchvision (``fpnlib.bench``) on its tiny configuration.
+
+Only what the benchmark must get right is tested, never a speed (the machines are noisy; the
+ratios are read from ``results/bench/``): both libraries hold the same weights and compute the
+same detections, so a ratio compares two implementations of one computation, and the record
+has every field README quotes, with finite positive numbers.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from fpnlib import bench
+
+# Same weights, same inputs: any detection that differs by more than float noise means the two
+# models do different work. The tolerance is float32 rounding on boxes of ~100 px.
+BOX_TOLERANCE_PX = 1e-3
+
+
+@pytest.mark.parametrize("name", ["tiny"])
+def test_both_libraries_compute_the_same_detections(name):
+    cfg = bench.CONFIGS[name]
+    ours, theirs = bench.build_pair(cfg)
+    images, _ = bench.synthetic_batch(cfg)
+    same = bench.same_outputs(ours, theirs, cfg, images)
+    counts = same["detections_per_image"]
+    assert all(a == b for a, b in counts), counts
+    assert sum(a for a, _ in counts) > 0, "no detections: the comparison would be empty"
+    assert same["max_box_difference_px"] <= BOX_TOLERANCE_PX, same
+
+
+def test_r50_pair_holds_the_same_weights():
+    ours, theirs = bench.build_pair(bench.CONFIGS["r50_fpn"])
+    from fpnlib.modeling.torchvision_interop import convert_torchvision_state_dict
+
+    converted = convert_torchvision_state_dict(theirs.state_dict())
+    mine = ours.state_dict()
+    assert set(converted) == set(mine)
+    assert all(torch.equal(converted[k], mine[k]) for k in mine)
+
+
+def test_bench_writes_a_complete_record(tmp_path):
+    path = bench.bench(("tiny",), reps=2, warmup=1, device="cpu", out_dir=tmp_path, memory=False, progress=False)
+    record = json.loads(path.read_text())
+    assert path.name == f"{bench.hardware_slug()}.json"
+    r = record["configs"]["tiny"]
+    for mode in ("train", "infer"):
+        assert all(len(v) == 2 and all(x > 0 for x in v) for v in r[mode]["seconds_per_step"].values())
+        ratio = r[mode]["speedup_fpnlib_over_torchvision"]
+        assert math.isfinite(ratio) and ratio > 0
+        assert ratio == pytest.approx(r[mode]["median_s"]["torchvision"] / r[mode]["median_s"]["fpnlib"], rel=1e-2)
+        stages = r[mode]["fpnlib_stages"]["seconds"]
+        assert {"backbone", "fpn", "rpn head", "proposal selection (top-k, NMS)", "RoI extraction (Eq. 1)",
+                "box head"} <= set(stages)
+        assert all(v >= 0 for v in stages.values())
+    assert "anchor labeling + sampling + RPN loss" in r["train"]["fpnlib_stages"]["seconds"]
+    assert "post-processing" in r["infer"]["fpnlib_stages"]["seconds"]
+    assert record["provenance"]["preset"] == "bench" and record["provenance"]["commit"]
+    assert "| tiny | train |" in bench.summary(record)
+
+
+def test_stage_timer_undoes_its_instrumentation():
+    import fpnlib.modeling.rpn as rpn
+
+    ours, _ = bench.build_pair(bench.CONFIGS["tiny"])
+    before = rpn.select_proposals
+    with bench.stage_timer(ours):
+        assert rpn.select_proposals is not before
+    assert rpn.select_proposals is before
+    assert not ours.backbone._forward_hooks and not ours.backbone._forward_pre_hooks
+
+
+def test_memory_probe_reports_a_peak():
+    out = bench._memory_probe("tiny", "fpnlib", "infer", 1)
+    assert out["peak_rss_mib"] >= out["rss_before_mib"] > 0
