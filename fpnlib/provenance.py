@@ -14,12 +14,19 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+# What a run writes itself (``make reproduce`` rewrites results, figures, README's blocks and
+# executes the notebooks in place): changes there do not make the code that ran differ from HEAD.
+RUN_OUTPUTS = ("results", "figures", "README.md", "notebooks")
+
+
 def git_commit(root: Path = REPO_ROOT) -> str:
-    """The commit of the working tree, with ``+dirty`` when it has uncommitted changes."""
+    """The commit of the working tree, with ``+dirty`` when it has uncommitted changes outside
+    ``RUN_OUTPUTS`` (so a run's own results do not mark the later steps of that run dirty)."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                *(f":(exclude){p}" for p in RUN_OUTPUTS)], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
