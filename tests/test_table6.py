@@ -61,6 +61,6 @@ def test_pipeline_end_to_end(smoke_root, tmp_path):
     assert "| InstanceFCN (paper only) |" in md and "– / –" in md
     assert "| (dual MLP [5x5, 7x7]) dual | no |" in md and " / 45.7 |" in md and " / 43.4 |" in md
     assert "the dual MLP beats a single 5x5 MLP" in md
-    # a second call loads the finished checkpoints instead of training again
+    # a second call reuses the finished row (unchanged checkpoint) instead of training or evaluating again
     again = table6.run_row("dual", "smoke", smoke_root, tmp_path / "runs" / "dual", iterations=2, progress=False)
-    assert again["trained_from_iteration"] == 2 and again["metrics"] == rec["rows"]["dual"]["metrics"]
+    assert again["reused_from"] == "row.json" and again["metrics"] == rec["rows"]["dual"]["metrics"]

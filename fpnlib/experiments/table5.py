@@ -33,8 +33,8 @@ class FourStepBudget:
 BUDGETS = {
     "smoke": FourStepBudget(Schedule(iterations=100, batch_size=4, lr=0.01, warmup_iters=0, steps=(80,), checkpoint_every=100),
                             Schedule(iterations=100, batch_size=4, lr=0.01, warmup_iters=0, steps=(80,), checkpoint_every=100)),
-    "cpu": FourStepBudget(Schedule(iterations=100, batch_size=4, lr=0.01, warmup_iters=0, steps=(80,), checkpoint_every=100),
-                          Schedule(iterations=100, batch_size=4, lr=0.01, warmup_iters=0, steps=(80,), checkpoint_every=100)),
+    "cpu": FourStepBudget(Schedule(iterations=60, batch_size=4, lr=0.01, warmup_iters=0, steps=(48,), checkpoint_every=60),
+                          Schedule(iterations=60, batch_size=4, lr=0.01, warmup_iters=0, steps=(48,), checkpoint_every=60)),
     "gpu": FourStepBudget(Schedule(iterations=3000, batch_size=8, lr=0.01, warmup_iters=0, steps=(2400,), checkpoint_every=1000),
                           Schedule(iterations=3000, batch_size=8, lr=0.01, warmup_iters=0, steps=(2400,), checkpoint_every=1000)),
     # Faster R-CNN's 4-step training repeats the RPN (Sec. 5.1) and Fast R-CNN (Sec. 5.2.1) schedules.

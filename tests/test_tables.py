@@ -1,0 +1,49 @@
+"""What every table shares (``fpnlib.experiments.tables``): rows reused while their checkpoint is
+unchanged, rows trained several at a time with the same numbers."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fpnlib.experiments.tables import RowJob, how_obtained, reuse_evaluated, run_rows
+
+CALLS: list[str] = []
+
+
+@reuse_evaluated
+def fake_row(variant: str, preset: str, out_dir, iterations: int | None = None, progress: bool = True) -> dict:
+    """Stands for a table's run_row: 'trains' (writes last.pt once) and 'evaluates' (counts calls)."""
+    CALLS.append(variant)
+    ckpt = Path(out_dir) / "last.pt"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    if not ckpt.exists():
+        ckpt.write_bytes(variant.encode())
+    return {"variant": variant, "metrics": {"AR": float(len(variant))}, "iterations": iterations or 10,
+            "trained_from_iteration": 0}
+
+
+def test_a_row_is_reused_until_its_checkpoint_or_arguments_change(tmp_path):
+    CALLS.clear()
+    first = fake_row("fpn", "smoke", tmp_path / "fpn", progress=False)
+    assert CALLS == ["fpn"] and first["wall_time_s"] >= 0 and first["torch_threads"] >= 1
+    assert how_obtained(first) == "trained now"
+    again = fake_row("fpn", "smoke", out_dir=tmp_path / "fpn")  # where and how it reports do not matter
+    assert CALLS == ["fpn"] and again["reused_from"] == "row.json" and again["metrics"] == first["metrics"]
+    assert how_obtained(again).startswith("reused")
+    fake_row("fpn", "smoke", tmp_path / "fpn", iterations=5)  # another budget: evaluated again
+    assert CALLS == ["fpn", "fpn"]
+    (tmp_path / "fpn" / "last.pt").write_bytes(b"retrained")  # another checkpoint: evaluated again
+    fake_row("fpn", "smoke", tmp_path / "fpn", iterations=5)
+    assert CALLS == ["fpn", "fpn", "fpn"]
+
+
+def test_rows_in_parallel_give_the_rows_in_table_order(tmp_path):
+    record = {"table": 9, "rows": {}}
+    job = RowJob(fake_row, tmp_path / "runs", {"preset": "smoke", "progress": False})
+    out = run_rows(record, ["c4", "fpn", "p2_only"], job, tmp_path, lambda r: "md", "smoke", 0, "cpu", jobs=2)
+    assert list(out["rows"]) == ["c4", "fpn", "p2_only"]
+    assert {r["metrics"]["AR"] for r in out["rows"].values()} == {2.0, 3.0, 7.0}
+    assert all(r["torch_threads"] >= 1 for r in out["rows"].values())
+    on_disk = json.loads((tmp_path / "table9.json").read_text())
+    assert list(on_disk["rows"]) == ["c4", "fpn", "p2_only"] and on_disk["provenance"]["row_jobs"] == 2
+    assert (tmp_path / "table9.md").read_text() == "md\n"
