@@ -11,11 +11,14 @@ Two configurations:
   ``torchvision_faster_rcnn_config``, at 512 px on a CPU (800 x 1333 on CUDA).
 
 Both models of a configuration carry the same weights (torchvision's, converted), so they make
-the same proposals and detections, and their inputs go through the same pipeline (ImageNet
+the same proposals and detections (checked on every run, ``same_outputs``), and their inputs go through the same pipeline (ImageNet
 normalisation and resize inside the timed call: torchvision's ``GeneralizedRCNNTransform``,
 fpnlib's ``torchvision_interop.preprocess``). Steps alternate between the two libraries; after
 warm-up, the median of the repetitions is reported with the ratio fpnlib / torchvision (> 1:
-fpnlib is faster). Peak memory is measured in a fresh process per (library, mode) on a CPU
+fpnlib is faster). fpnlib runs inference the way it runs a trained detector:
+``fast_inference.optimized_for_inference`` (frozen BN folded into the convolutions, channels_last;
+``tests/test_fast_inference.py`` shows it gives the plain path's detections); training runs the
+plain model, the one ``fpnlib.engine.train`` trains. Peak memory is measured in a fresh process per (library, mode) on a CPU
 (the largest resident set during the steps, over the resident set before them) and by
 ``torch.cuda.max_memory_allocated`` on CUDA. Numbers are measured, never asserted: the machine
 is noisy, so targets are read from the ratios, not tested as times.
@@ -146,9 +149,13 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _steps(ours, theirs, cfg: BenchConfig, images, targets, device):
-    """``{library: {"train": step fn, "infer": step fn}}``; a train step is forward + backward + SGD."""
+def _steps(ours, theirs, cfg: BenchConfig, images, targets, device, fast=None):
+    """``{library: {"train": step fn, "infer": step fn}}``; a train step is forward + backward + SGD.
+    ``fast``: fpnlib's inference model (default: ``optimized_for_inference(ours)``)."""
     from fpnlib.modeling import torchvision_interop as interop  # looked up per call: stage_timer wraps it
+    from fpnlib.modeling.fast_inference import optimized_for_inference
+
+    fast = fast if fast is not None else optimized_for_inference(ours)
 
     opts = {lib: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
             for lib, m in (("fpnlib", ours), ("torchvision", theirs))}
@@ -169,7 +176,7 @@ def _steps(ours, theirs, cfg: BenchConfig, images, targets, device):
         opts["torchvision"].step()
 
     def infer_ours():
-        return interop.detect(ours, images, cfg.min_size, cfg.max_size)
+        return interop.detect(fast, images, cfg.min_size, cfg.max_size)
 
     @torch.no_grad()
     def infer_theirs():
@@ -321,7 +328,8 @@ def peak_memory(cfg: BenchConfig, ours, theirs, images, targets, device) -> dict
 
 def same_outputs(ours, theirs, cfg: BenchConfig, images) -> dict:
     """Largest difference between the two libraries' detections on the bench input (they hold
-    the same weights): a benchmark of two different computations would mean nothing."""
+    the same weights; ``ours`` is the model fpnlib's inference step runs): a benchmark of two
+    different computations would mean nothing."""
     from fpnlib.modeling.torchvision_interop import detect
 
     a = detect(ours, images, cfg.min_size, cfg.max_size)
@@ -340,9 +348,14 @@ def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", 
     ours, theirs = build_pair(cfg)
     ours, theirs = ours.to(device), theirs.to(device)
     images, targets = synthetic_batch(cfg, device=device)
-    steps = _steps(ours, theirs, cfg, images, targets, device)
+    from fpnlib.modeling.fast_inference import optimized_for_inference
+
+    fast = optimized_for_inference(ours)
+    steps = _steps(ours, theirs, cfg, images, targets, device, fast=fast)
     record = {"config": asdict(cfg), "device": device, "reps": reps, "warmup": warmup,
-              "same_outputs": same_outputs(ours, theirs, cfg, images)}
+              "fpnlib_inference_path": list(fast.optimizations),
+              "same_outputs": same_outputs(fast, theirs, cfg, images),
+              "same_outputs_plain": same_outputs(ours, theirs, cfg, images)}
     for mode in ("infer", "train"):
         if progress:
             print(f"[bench] {name}: {mode}, {reps} alternating repetitions after {warmup} warm-up", flush=True)
@@ -354,7 +367,8 @@ def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", 
             "images_per_s": {lib: round(cfg.batch / v, 3) for lib, v in med.items()},
             "speedup_fpnlib_over_torchvision": round(med["torchvision"] / med["fpnlib"], 3),
         }
-        record[mode]["fpnlib_stages"] = stage_breakdown(ours, steps["fpnlib"][mode], max(3, reps // 2), device)
+        model = fast if mode == "infer" else ours
+        record[mode]["fpnlib_stages"] = stage_breakdown(model, steps["fpnlib"][mode], max(3, reps // 2), device)
     if memory:
         if progress:
             print(f"[bench] {name}: peak memory", flush=True)

@@ -57,6 +57,11 @@ def test_bench_writes_a_complete_record(tmp_path):
                 "box head"} <= set(stages)
         assert all(v >= 0 for v in stages.values())
     assert "anchor labeling + sampling + RPN loss" in r["train"]["fpnlib_stages"]["seconds"]
+    # fpnlib's inference step runs the optimized path; it must still compute torchvision's detections
+    assert "channels_last" in r["fpnlib_inference_path"]
+    for key in ("same_outputs", "same_outputs_plain"):
+        assert all(a == b for a, b in r[key]["detections_per_image"]), r[key]
+        assert r[key]["max_box_difference_px"] <= BOX_TOLERANCE_PX, r[key]
     assert "post-processing" in r["infer"]["fpnlib_stages"]["seconds"]
     assert record["provenance"]["preset"] == "bench" and record["provenance"]["commit"]
     assert "| tiny | train |" in bench.summary(record)
