@@ -279,26 +279,27 @@ def stage_breakdown(ours, step, reps: int, device) -> dict:
     return {"seconds": {k: round(v, 5) for k, v in stages.items()}, "step_s": round(total, 5)}
 
 
-def _rss_kib() -> int:
+def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
 
 
 def _memory_probe(name: str, lib: str, mode: str, threads: int) -> dict:
-    """In a fresh process: resident set before and at its peak over three steps (MiB)."""
-    import resource
-
+    """In a fresh process: resident set before three steps and its peak during them (MiB). The
+    peak mark (VmHWM) is reset after the models are built (``/proc/self/clear_refs``), so
+    building both models does not count."""
     torch.set_num_threads(threads)
     cfg = CONFIGS[name]
     ours, theirs = build_pair(cfg)
     images, targets = synthetic_batch(cfg)
     fn = _steps(ours, theirs, cfg, images, targets, "cpu")[lib][mode]  # fpnlib infers on its optimized path
-    before = _rss_kib()
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: peak resident set := current
+    before = _status_kib("VmRSS")
     for _ in range(3):
         fn()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    peak = _status_kib("VmHWM")
     return {"rss_before_mib": round(before / 1024, 1), "peak_rss_mib": round(peak / 1024, 1),
             "peak_over_before_mib": round((peak - before) / 1024, 1)}
 
