@@ -46,7 +46,7 @@ def _budget(preset: str, **head) -> dict:
 
 BUDGETS = {
     "smoke": FasterRCNNBudget(_budget("smoke", hidden=128, batch_per_image=128),
-                              Schedule(iterations=150, batch_size=4, lr=0.02, warmup_iters=50, steps=(120,), checkpoint_every=50)),
+                              Schedule(iterations=200, batch_size=4, lr=0.02, warmup_iters=50, steps=(160,), checkpoint_every=100)),
     "cpu": FasterRCNNBudget(_budget("cpu", hidden=512, batch_per_image=128),
                             Schedule(iterations=200, batch_size=4, lr=0.02, warmup_iters=50, steps=(160,), checkpoint_every=100)),
     "gpu": FasterRCNNBudget(_budget("gpu", hidden=1024, batch_per_image=512),
@@ -58,7 +58,7 @@ BUDGETS = {
 }
 DEVIATIONS = {
     "smoke": "slim ResNet-18 from scratch (as Table 1), 2fc of 128, 128 RoIs per image, 200 iterations",
-    "cpu": "slim ResNet-18 from scratch (as Table 1), 2fc of 512 instead of 1024, 128 RoIs per image, 150 iterations, "
+    "cpu": "slim ResNet-18 from scratch (as Table 1), 2fc of 512 instead of 1024, 128 RoIs per image, 200 iterations, "
            "300 test proposals per image, 100 for the conv5 row (Table 2's ``light_settings``)",
     "gpu": "ResNet-50 GroupNorm from scratch (as Table 1)",
     "training": "RPN and detector trained jointly (approximate joint training, proposals as constants) instead "
