@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    p.add_argument("--no-runtime", action="store_true", help="skip the paper's runtime comparison (Sec. 5.2.3)")
     p.add_argument("--out", default=None, help="output folder (default: results/bench/)")
     return parser
 
@@ -278,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         from fpnlib.bench import BENCH_DIR, bench, summary
 
         path = bench(args.configs, reps=args.reps, warmup=args.warmup, device=args.device,
-                     out_dir=Path(args.out) if args.out else BENCH_DIR, memory=not args.no_memory)
+                     out_dir=Path(args.out) if args.out else BENCH_DIR, memory=not args.no_memory,
+                     runtime=not args.no_runtime)
         print(summary(json.loads(path.read_text())))
         print(f"written: {path}")
     return 0

@@ -30,7 +30,8 @@ def git_commit(root: Path = REPO_ROOT) -> str:
                                capture_output=True, text=True, check=True).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        # a copy of the tree without git (e.g. sent to a GPU machine) names its commit itself
+        return os.environ.get("FPNLIB_COMMIT", "unknown")
 
 
 def hardware() -> dict:

@@ -43,7 +43,8 @@ def test_r50_pair_holds_the_same_weights():
 
 
 def test_bench_writes_a_complete_record(tmp_path):
-    path = bench.bench(("tiny",), reps=2, warmup=1, device="cpu", out_dir=tmp_path, memory=False, progress=False)
+    path = bench.bench(("tiny",), reps=2, warmup=1, device="cpu", out_dir=tmp_path, memory=False, progress=False,
+                       runtime=False)
     record = json.loads(path.read_text())
     assert path.name == f"{bench.hardware_slug()}.json"
     r = record["configs"]["tiny"]
@@ -62,6 +63,8 @@ def test_bench_writes_a_complete_record(tmp_path):
     for key in ("same_outputs", "same_outputs_plain"):
         assert all(a == b for a, b in r[key]["detections_per_image"]), r[key]
         assert r[key]["max_box_difference_px"] <= BOX_TOLERANCE_PX, r[key]
+        assert r[key]["torchvision_detections_found_iou_0.9"] == 1.0, r[key]
+    assert 1.0 < r["infer"]["fpnlib_detector_over_backbone_fpn"] < 100  # the detector does more than its body
     assert "post-processing" in r["infer"]["fpnlib_stages"]["seconds"]
     assert record["provenance"]["preset"] == "bench" and record["provenance"]["commit"]
     assert "| tiny | train |" in bench.summary(record)
@@ -86,3 +89,22 @@ def test_memory_probe_reports_a_peak():
     finally:
         torch.set_num_threads(threads)
     assert out["peak_rss_mib"] >= out["rss_before_mib"] > 0
+
+
+def test_paper_runtime_times_the_three_detectors():
+    out = bench.paper_runtime("cpu", 64, 96, reps=1, warmup=0, progress=False)
+    assert set(out["s_per_image"]) == set(bench.RUNTIME_MODELS)
+    assert all(v > 0 for v in out["s_per_image"].values())
+    assert out["paper_s_per_image_M40"]["faster_rcnn_fpn_r50_s_per_image_M40"] == 0.148  # the reference file's
+    assert out["not_shared_over_shared"] == pytest.approx(
+        out["s_per_image"]["fpn_not_shared"] / out["s_per_image"]["fpn_shared"], rel=1e-2)
+
+
+def test_agreement_counts_matching_detections():
+    box = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 40.0, 40.0]])
+    a = [{"boxes": box, "labels": torch.tensor([1, 2])}]
+    assert bench.agreement(a, a) == 1.0
+    shifted = [{"boxes": box + torch.tensor([3.0, 0.0, 3.0, 0.0]), "labels": torch.tensor([1, 2])}]
+    assert bench.agreement(shifted, a) == 0.0  # IoU 0.54 and 0.74: below 0.9
+    relabeled = [{"boxes": box, "labels": torch.tensor([1, 3])}]
+    assert bench.agreement(relabeled, a) == 0.5

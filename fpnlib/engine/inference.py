@@ -14,9 +14,10 @@ from fpnlib.engine.evaluate import proposal_recall
 
 @torch.no_grad()
 def predict(model: nn.Module, dataset, batch_size: int = 4, device: str | torch.device = "cpu",
-            workers: int = 0, progress: bool = True, desc: str = "inference") -> dict[int, dict]:
+            workers: int = 0, progress: bool = True, desc: str = "inference", amp: bool = True) -> dict[int, dict]:
     """``{image_id: output}`` for every image of ``dataset`` (a ``CocoDetection`` with eval
-    transforms); each output's ``boxes`` are in original image pixels."""
+    transforms); each output's ``boxes`` are in original image pixels. ``amp``: bf16 autocast
+    on CUDA, as in training (a CPU runs float32 either way)."""
     from tqdm.auto import tqdm
 
     device = torch.device(device)
@@ -25,12 +26,13 @@ def predict(model: nn.Module, dataset, batch_size: int = 4, device: str | torch.
     results = {}
     for images, targets in tqdm(loader, desc=desc, disable=not progress, unit="batch"):
         images = [im.to(device) for im in images]
-        if getattr(model, "uses_proposals", False):  # Fast R-CNN on fixed proposals (Table 2)
-            outputs = model(images, [{"proposals": t["proposals"].to(device)} for t in targets])
-        else:
-            outputs = model(images)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+            if getattr(model, "uses_proposals", False):  # Fast R-CNN on fixed proposals (Table 2)
+                outputs = model(images, [{"proposals": t["proposals"].to(device)} for t in targets])
+            else:
+                outputs = model(images)
         for out, tgt in zip(outputs, targets):
-            out = {k: v.cpu() for k, v in out.items()}
+            out = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in out.items()}
             out["boxes"] = boxes_to_original(out["boxes"], tgt)
             results[int(tgt["image_id"])] = out
     return results

@@ -240,6 +240,10 @@ def train(
     if world > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", distributed.local_rank())
     model.to(device)
+    if device.type == "cuda":
+        from fpnlib.modeling.fast_inference import for_cuda_training
+
+        for_cuda_training(model)  # channels_last + cuDNN autotuning; a CPU run is left as it is
     optimizer = build_optimizer(model, schedule)
 
     from fpnlib.provenance import git_commit

@@ -83,6 +83,23 @@ def optimized_for_inference(model: nn.Module, channels_last: bool = True, fold_b
     return fast
 
 
+def for_cuda_training(model: nn.Module) -> nn.Module:
+    """``model``, in place, in channels_last with its backbones' inputs converted, and cuDNN's
+    autotuner on: what pays for training on a GPU (with the trainer's bf16 autocast). The
+    parameters stay the same objects (an optimizer built before still holds them) and keep
+    their names. On a CPU nothing changes: oneDNN's backward ran slower in channels_last
+    there (R50-FPN body at 512 px, 2 cores: 5.6 s against 5.0 s per forward + backward)."""
+    if next(model.parameters()).device.type != "cuda":
+        return model
+    torch.backends.cudnn.benchmark = True  # fixed input sizes per batch: the autotuned choice is reused
+    model.to(memory_format=torch.channels_last)
+    for backbone in _backbones(model):
+        if not getattr(backbone, "_fpnlib_channels_last", False):
+            backbone.register_forward_pre_hook(_to_channels_last)
+            backbone._fpnlib_channels_last = True
+    return model
+
+
 def _backbones(model: nn.Module) -> list[nn.Module]:
     found = [model.backbone] if hasattr(model, "backbone") else []
     rpn_network = getattr(model, "rpn_network", None)

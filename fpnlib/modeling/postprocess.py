@@ -16,6 +16,7 @@ from torchvision.ops import batched_nms, remove_small_boxes
 
 from .box_coder import clip_boxes, decode
 from .box_coder import FAST_RCNN_BOX_WEIGHTS
+from .cpu_threads import map_pieces
 
 
 def _detections_for_image(
@@ -78,8 +79,8 @@ def detections_from_head(
     if sum(counts) != class_logits.shape[0] or box_deltas.shape[0] != class_logits.shape[0]:
         raise ValueError(f"rois_per_image hold {sum(counts)} RoIs, the head outputs "
                          f"{class_logits.shape[0]} and {box_deltas.shape[0]} rows")
-    return [
-        _detections_for_image(lg, dt, rois, hw, score_thresh, nms_thresh, detections_per_img,
-                              min_size, weights)
-        for lg, dt, rois, hw in zip(class_logits.split(counts), box_deltas.split(counts), rois_per_image, image_hws)
-    ]
+    # per image, on the CPU's cores (cpu_threads): NMS is a one-core kernel
+    return map_pieces(lambda lg, dt, rois, hw: _detections_for_image(lg, dt, rois, hw, score_thresh, nms_thresh,
+                                                                     detections_per_img, min_size, weights),
+                      class_logits.split(counts), box_deltas.split(counts), rois_per_image, image_hws,
+                      device=class_logits.device)

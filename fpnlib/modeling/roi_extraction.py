@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import roi_align, roi_pool
 
+from .cpu_threads import threaded_roi_align
 from .roi_levels import assign_fpn_levels
 
 ROI_LEVELS = ("p2", "p3", "p4", "p5")  # the region head never reads P6 (Sec. 4.2)
@@ -49,6 +50,11 @@ def pyramid_roi_features(
     rois = rois_with_batch_index(boxes)
     target = assign_fpn_levels(rois[:, 1:], k0=canonical_level, canonical_size=canonical_size,
                                k_min=min(ks), k_max=max(ks))
+    if mode == "align":  # on a CPU: the (level, image) pieces on all cores, same numbers
+        threaded = threaded_roi_align([features[name] for name in levels], rois, target, ks,
+                                      [1.0 / strides[name] for name in levels], output_size, sampling_ratio, aligned)
+        if threaded is not None:
+            return threaded
     first = features[levels[0]]
     out = first.new_zeros((rois.shape[0], first.shape[1], output_size, output_size))
     for name, k in zip(levels, ks):

@@ -25,6 +25,7 @@ from torchvision.ops import batched_nms, remove_small_boxes
 
 from .anchor_labels import label_anchors, sample_anchors
 from .box_coder import clip_boxes, decode, encode
+from .cpu_threads import map_pieces
 
 
 @dataclass
@@ -286,12 +287,14 @@ def select_proposals(
     No gradient flows into proposals (approximate joint training).
     """
     logits, top_deltas, top_anchors, level_ids = _top_k_per_level(objectness, deltas, anchors, pre_nms_top_n)
-    logits, top_deltas = logits.detach(), top_deltas.detach()
+    # float32 boxes: under bf16 autocast a 1000 px coordinate would be rounded to 4 px
+    logits, top_deltas = logits.detach().float(), top_deltas.detach().float()
     n = logits.shape[0]
     boxes = decode(top_deltas.reshape(-1, 4), top_anchors.reshape(-1, 4)).view(n, -1, 4)
-    out = [_proposals_for_image(boxes[i], logits[i], level_ids, image_hws[i], post_nms_top_n, nms_thresh, min_size,
-                                rank_by_probability)
-           for i in range(n)]
+    # per image, on the CPU's cores (cpu_threads): NMS is a one-core kernel
+    out = map_pieces(lambda b, lg, hw: _proposals_for_image(b, lg, level_ids, hw, post_nms_top_n, nms_thresh, min_size,
+                                                            rank_by_probability),
+                     boxes.unbind(0), logits.unbind(0), image_hws, device=boxes.device)
     return out if with_levels else [(b, sc) for b, sc, _ in out]
 
 

@@ -259,18 +259,21 @@ def preprocess(images, min_size: int = 800, max_size: int = 1333) -> tuple[list[
 
 
 @torch.no_grad()
-def detect(model: FasterRCNN, images, min_size: int = 800, max_size: int = 1333) -> list[dict[str, Tensor]]:
+def detect(model: FasterRCNN, images, min_size: int = 800, max_size: int = 1333,
+           amp: bool = True) -> list[dict[str, Tensor]]:
     """Detections on raw photos, as ``torchvision``'s ``model(images)`` in eval mode.
 
     ``images`` as :func:`preprocess`. The model pads the batch to a multiple of 32; boxes are
     scaled back to each input image's pixels. Returns per image ``{"boxes" [D, 4] xyxy,
     "scores" [D], "labels" [D]}``; with torchvision's COCO weights a label is a COCO category
     id (``FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"][label]`` names it).
+    ``amp``: bf16 autocast on CUDA, as fpnlib's trainer and evaluation (no effect on a CPU).
     """
     model.eval()
     device = next(model.parameters()).device
     inputs, sizes = preprocess(images, min_size, max_size)
-    outputs = model([im.to(device) for im in inputs])
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        outputs = model([im.to(device) for im in inputs])
     for out, im, (h, w) in zip(outputs, inputs, sizes):
         # as torchvision: float32 ratio original / resized, per axis
         ry, rx = (torch.tensor(float(o)) / torch.tensor(float(r)) for o, r in ((h, im.shape[-2]), (w, im.shape[-1])))

@@ -1,0 +1,88 @@
+"""What only a GPU can show: the CUDA paths of training and inference.
+
+Skipped where no GPU is (CI has none); run on a lent GPU machine, where the record of the run
+is kept (``results/bench/cuda-*.pytest.txt``). Tolerances:
+
+* float32 with TF32 off: the optimized inference path (folded BN, channels_last) gives the plain
+  path's detections within 1e-3 px, the CPU test's tolerance (``test_fast_inference.py``);
+* bf16 autocast moves activations by ~1e-2 relative, so detections are compared as sets: at
+  least 90% of the float32 detections are found (same label, IoU >= 0.9);
+* the trainer (bf16 autocast, channels_last, cuDNN autotuning) gives finite losses and resumes.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+BF16_FOUND = 0.90
+
+
+def _model_and_images():
+    from test_fast_inference import _images, _model
+
+    return _model().cuda(), [im.cuda() for im in _images()]
+
+
+def test_optimized_path_in_float32_gives_the_plain_detections_on_cuda():
+    from fpnlib.modeling.fast_inference import max_box_difference, optimized_for_inference
+    from fpnlib.modeling.torchvision_interop import detect
+
+    model, images = _model_and_images()
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        plain = detect(model, images, 96, 128, amp=False)
+        quick = detect(optimized_for_inference(model), images, 96, 128, amp=False)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    assert sum(len(d["boxes"]) for d in plain) > 0
+    assert max_box_difference(plain, quick) <= 1e-3
+
+
+def test_bf16_inference_finds_the_float32_detections():
+    from fpnlib.bench import agreement
+    from fpnlib.modeling.fast_inference import optimized_for_inference
+    from fpnlib.modeling.torchvision_interop import detect
+
+    model, images = _model_and_images()
+    fast = optimized_for_inference(model)
+    fp32 = detect(fast, images, 96, 128, amp=False)
+    bf16 = detect(fast, images, 96, 128, amp=True)
+    found = agreement(bf16, fp32)
+    print(f"bf16 finds {found:.3f} of the float32 detections")
+    assert sum(len(d["boxes"]) for d in fp32) > 0 and found >= BF16_FOUND
+    assert all(d["boxes"].dtype == torch.float32 for d in bf16)  # post-processing runs in float32
+
+
+def test_trainer_on_cuda_bf16_channels_last_and_resume(smoke_root, tmp_path):
+    from fpnlib.data.coco import load_coco_split
+    from fpnlib.data.transforms import build_transforms
+    from fpnlib.engine.train import Schedule, train
+    from fpnlib.modeling.faster_rcnn import FasterRCNN
+    from fpnlib.modeling.torchvision_interop import torchvision_faster_rcnn_config
+
+    data = load_coco_split(smoke_root, "train", transforms=build_transforms(True, 160, 214), with_masks=False)
+    cfg = torchvision_faster_rcnn_config(num_classes=8, depth=18, width=16, fpn_channels=32, hidden=64, norm="gn",
+                                         freeze_at=0, batch_per_image=64)
+    schedule = Schedule(iterations=6, batch_size=4, lr=0.01, warmup_iters=2, checkpoint_every=3, log_every=1)
+
+    def interrupt(it, losses):
+        assert all(math.isfinite(v) for v in losses.values()), losses
+        if it == 3:
+            raise KeyboardInterrupt
+
+    torch.manual_seed(0)
+    model = FasterRCNN(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, data, schedule, tmp_path, device="cuda", progress=False, on_iteration=interrupt)
+    assert model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)  # for_cuda_training ran
+    assert torch.backends.cudnn.benchmark
+    torch.manual_seed(0)
+    info = train(FasterRCNN(cfg), data, schedule, tmp_path, device="cuda", progress=False)
+    # the interrupt saved the 4 completed steps
+    assert info["resumed_from"] == 4 and info["iterations"] == 6
+    assert all(math.isfinite(v) for v in info["last_losses"].values())
