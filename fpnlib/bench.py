@@ -396,7 +396,7 @@ def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", 
     record = {"config": asdict(cfg), "device": device, "reps": reps, "warmup": warmup,
               "fpnlib_inference_path": list(fast.optimizations) + (["bf16 autocast"] if device.startswith("cuda") else []),
               "fpnlib_training_path": ["bf16 autocast", "channels_last", "cudnn.benchmark"] if device.startswith("cuda")
-              else ["float32, NCHW; RoIAlign and NMS per image on the CPU's threads (cpu_threads)"],
+              else ["float32, NCHW; RoIAlign and NMS per image on the CPU's threads (parallel_pieces)"],
               "same_outputs": same_outputs(fast, theirs, cfg, images),
               "same_outputs_plain": same_outputs(ours, theirs, cfg, images, amp=False)}
     for_cuda_training(ours)  # what fpnlib's trainer does on CUDA (a CPU model is left as it is)

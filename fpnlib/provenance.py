@@ -21,7 +21,11 @@ RUN_OUTPUTS = ("results", "figures", "README.md", "notebooks")
 
 def git_commit(root: Path = REPO_ROOT) -> str:
     """The commit of the working tree, with ``+dirty`` when it has uncommitted changes outside
-    ``RUN_OUTPUTS`` (so a run's own results do not mark the later steps of that run dirty)."""
+    ``RUN_OUTPUTS`` (so a run's own results do not mark the later steps of that run dirty).
+    ``FPNLIB_COMMIT`` names it instead, for a copy of the tree sent elsewhere (a GPU machine)
+    whose git metadata is not that commit's."""
+    if os.environ.get("FPNLIB_COMMIT"):
+        return os.environ["FPNLIB_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                              text=True, check=True).stdout.strip()
@@ -30,8 +34,7 @@ def git_commit(root: Path = REPO_ROOT) -> str:
                                capture_output=True, text=True, check=True).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        # a copy of the tree without git (e.g. sent to a GPU machine) names its commit itself
-        return os.environ.get("FPNLIB_COMMIT", "unknown")
+        return "unknown"
 
 
 def hardware() -> dict:

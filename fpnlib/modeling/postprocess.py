@@ -12,11 +12,11 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms, remove_small_boxes
+from torchvision.ops import batched_nms
 
 from .box_coder import clip_boxes, decode
 from .box_coder import FAST_RCNN_BOX_WEIGHTS
-from .cpu_threads import map_pieces
+from .parallel_pieces import map_pieces
 
 
 def _detections_for_image(
@@ -44,9 +44,9 @@ def _detections_for_image(
     scores = scores[:, 1:].reshape(-1)
     labels = labels[:, 1:].reshape(-1)
 
-    keep = torch.nonzero(scores > score_thresh).squeeze(1)
-    keep = keep[torch.isfinite(boxes[keep]).all(dim=1)]
-    keep = keep[remove_small_boxes(boxes[keep], min_size)]
+    # one mask, one index (on CUDA every index of a mask waits for the GPU)
+    wide = (boxes[:, 2] - boxes[:, 0] >= min_size) & (boxes[:, 3] - boxes[:, 1] >= min_size)
+    keep = torch.nonzero((scores > score_thresh) & wide & torch.isfinite(boxes).all(dim=1)).squeeze(1)
     boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
     # The label is the NMS group: boxes only suppress boxes of their own class. batched_nms
     # returns indices by decreasing score, so the slice keeps the image's best detections.
@@ -79,7 +79,7 @@ def detections_from_head(
     if sum(counts) != class_logits.shape[0] or box_deltas.shape[0] != class_logits.shape[0]:
         raise ValueError(f"rois_per_image hold {sum(counts)} RoIs, the head outputs "
                          f"{class_logits.shape[0]} and {box_deltas.shape[0]} rows")
-    # per image, on the CPU's cores (cpu_threads): NMS is a one-core kernel
+    # per image at once (parallel_pieces): NMS is a one-core kernel on a CPU and syncs on CUDA
     return map_pieces(lambda lg, dt, rois, hw: _detections_for_image(lg, dt, rois, hw, score_thresh, nms_thresh,
                                                                      detections_per_img, min_size, weights),
                       class_logits.split(counts), box_deltas.split(counts), rois_per_image, image_hws,

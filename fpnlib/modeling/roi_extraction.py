@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import roi_align, roi_pool
 
-from .cpu_threads import threaded_roi_align
+from .parallel_pieces import threaded_roi_align
 from .roi_levels import assign_fpn_levels
 
 ROI_LEVELS = ("p2", "p3", "p4", "p5")  # the region head never reads P6 (Sec. 4.2)

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, remove_small_boxes
+from torchvision.ops import batched_nms
 
 from .anchor_labels import label_anchors, sample_anchors
 from .box_coder import clip_boxes, decode, encode
-from .cpu_threads import map_pieces
+from .parallel_pieces import map_pieces
 
 
 @dataclass
@@ -147,29 +147,17 @@ def flatten_head_outputs(
 # ----------------------------------------------------------------------------- training
 
 
-def _sample_image(
+def _label_image(
     anchors: Tensor,
     gt_boxes: Tensor,
     image_hw: tuple[int, int],
     cfg: RPNConfig,
-    generator: torch.Generator | None,
     ignore_boxes: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Label one image's anchors (IoU > 0.7 or best-for-an-object positive, < 0.3 negative) and sample a mini-batch.
-
-    Returns (positive indices, negative indices, index of the matched gt of every anchor).
-    """
-    labels, matched = label_anchors(
-        anchors,
-        gt_boxes,
-        pos_iou=cfg.pos_iou,
-        neg_iou=cfg.neg_iou,
-        image_hw=image_hw,
-        ignore_cross_boundary=cfg.ignore_cross_boundary,
-        ignore_boxes=ignore_boxes,
-    )
-    pos, neg = sample_anchors(labels, num=cfg.batch_per_image, positive_fraction=cfg.positive_fraction, generator=generator)
-    return pos, neg, matched
+) -> tuple[Tensor, Tensor]:
+    """Label one image's anchors: IoU > 0.7 or best-for-an-object positive, < 0.3 negative.
+    Returns (labels, index of the matched gt of every anchor)."""
+    return label_anchors(anchors, gt_boxes, pos_iou=cfg.pos_iou, neg_iou=cfg.neg_iou, image_hw=image_hw,
+                         ignore_cross_boundary=cfg.ignore_cross_boundary, ignore_boxes=ignore_boxes)
 
 
 def rpn_losses(
@@ -192,10 +180,14 @@ def rpn_losses(
     the same). An image without objects contributes negatives only and no box term, so the box
     loss of such a batch is exactly 0.
     """
+    ignores = [None] * len(gt_boxes) if ignore_boxes is None else ignore_boxes
+    # labelling draws nothing: all images at once (parallel_pieces); the sampling draws, in image order
+    labelled = map_pieces(lambda gt, hw, ignore: _label_image(anchors, gt, hw, cfg, ignore), gt_boxes, image_hws,
+                          ignores, device=anchors.device)
     logits, labels, pos_deltas, pos_targets = [], [], [], []
-    for i, gt in enumerate(gt_boxes):
-        ignore = None if ignore_boxes is None else ignore_boxes[i]
-        pos, neg, matched = _sample_image(anchors, gt, image_hws[i], cfg, generator, ignore)
+    for i, (gt, (anchor_labels, matched)) in enumerate(zip(gt_boxes, labelled)):
+        pos, neg = sample_anchors(anchor_labels, num=cfg.batch_per_image, positive_fraction=cfg.positive_fraction,
+                                  generator=generator)
         logits.append(objectness[i, torch.cat([pos, neg])])
         labels.append(torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]).to(objectness.dtype))
         pos_deltas.append(deltas[i, pos])
@@ -252,8 +244,9 @@ def _proposals_for_image(
     """Clip, drop small boxes, NMS within each level, keep the image's top ``post_nms_top_n``.
     Returns boxes, scores and the level index of each proposal."""
     boxes = clip_boxes(boxes, image_hw)
-    keep = remove_small_boxes(boxes, min_size)
-    keep = keep[torch.isfinite(boxes[keep]).all(dim=1) & torch.isfinite(logits[keep])]
+    # one mask, one index (on CUDA every index of a mask waits for the GPU)
+    wide = (boxes[:, 2] - boxes[:, 0] >= min_size) & (boxes[:, 3] - boxes[:, 1] >= min_size)
+    keep = torch.nonzero(wide & torch.isfinite(boxes).all(dim=1) & torch.isfinite(logits)).squeeze(1)
     boxes, logits, level_ids = boxes[keep], logits[keep], level_ids[keep]
     # One call for all levels: the level index is the NMS group, so boxes only suppress boxes
     # of their own level. The result is sorted by decreasing score, across levels.
@@ -291,7 +284,7 @@ def select_proposals(
     logits, top_deltas = logits.detach().float(), top_deltas.detach().float()
     n = logits.shape[0]
     boxes = decode(top_deltas.reshape(-1, 4), top_anchors.reshape(-1, 4)).view(n, -1, 4)
-    # per image, on the CPU's cores (cpu_threads): NMS is a one-core kernel
+    # per image at once (parallel_pieces): NMS is a one-core kernel on a CPU and syncs on CUDA
     out = map_pieces(lambda b, lg, hw: _proposals_for_image(b, lg, level_ids, hw, post_nms_top_n, nms_thresh, min_size,
                                                             rank_by_probability),
                      boxes.unbind(0), logits.unbind(0), image_hws, device=boxes.device)

@@ -4,7 +4,7 @@ detections either way."""
 import pytest
 import torch
 
-from fpnlib.modeling import cpu_threads
+from fpnlib.modeling import parallel_pieces
 from fpnlib.modeling.roi_extraction import pyramid_roi_features
 
 STRIDES = {"p2": 4, "p3": 8, "p4": 16, "p5": 32}
@@ -36,7 +36,7 @@ def _boxes(num_images=3, per_image=40, size=128, seed=1):
 
 def _roi_features_and_grads(threaded: bool):
     maps, boxes = _pyramid(), _boxes()
-    context = cpu_threads.sequential() if not threaded else torch.enable_grad()
+    context = parallel_pieces.sequential() if not threaded else torch.enable_grad()
     with context:
         out = pyramid_roi_features(maps, boxes, STRIDES, canonical_size=32)
         weights = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
@@ -58,17 +58,17 @@ def test_the_threaded_path_is_taken_only_where_it_applies(two_threads):
     rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b], 1) for i, b in enumerate(boxes)])
     level = torch.randint(2, 6, (len(rois),))
     args = ([maps[n] for n in STRIDES], rois, level, [2, 3, 4, 5], [1 / s for s in STRIDES.values()], 7, 2, False)
-    assert cpu_threads.threaded_roi_align(*args) is not None
-    with cpu_threads.sequential():
-        assert cpu_threads.threaded_roi_align(*args) is None
+    assert parallel_pieces.threaded_roi_align(*args) is not None
+    with parallel_pieces.sequential():
+        assert parallel_pieces.threaded_roi_align(*args) is None
     torch.set_num_threads(1)
-    assert cpu_threads.threaded_roi_align(*args) is None
+    assert parallel_pieces.threaded_roi_align(*args) is None
 
 
 def test_map_pieces_keeps_order_and_grad_mode(two_threads):
     x = torch.ones(3, requires_grad=True)
     with torch.no_grad():
-        out = cpu_threads.map_pieces(lambda a, b: x * a + b, [1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 2.0, 3.0])
+        out = parallel_pieces.map_pieces(lambda a, b: x * a + b, [1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 2.0, 3.0])
     assert [float(o[0]) for o in out] == [1.0, 3.0, 5.0, 7.0]
     assert not any(o.requires_grad for o in out)  # the caller's no_grad reached the workers
 
@@ -82,7 +82,7 @@ def _detector_step(threaded: bool):
     images, targets = synthetic_batch(cfg)
     # anchor and RoI sampling draw the same both ways
     ours.rpn.generator, ours.generator = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
-    context = cpu_threads.sequential() if not threaded else torch.enable_grad()
+    context = parallel_pieces.sequential() if not threaded else torch.enable_grad()
     with context:
         inputs, _ = preprocess(images, cfg.min_size, cfg.max_size)
         losses = ours(inputs, targets)
