@@ -79,7 +79,7 @@ def detections_from_head(
     if sum(counts) != class_logits.shape[0] or box_deltas.shape[0] != class_logits.shape[0]:
         raise ValueError(f"rois_per_image hold {sum(counts)} RoIs, the head outputs "
                          f"{class_logits.shape[0]} and {box_deltas.shape[0]} rows")
-    # per image at once (parallel_pieces): NMS is a one-core kernel on a CPU and syncs on CUDA
+    # per image at once on a CPU (parallel_pieces): NMS is a one-core kernel
     return map_pieces(lambda lg, dt, rois, hw: _detections_for_image(lg, dt, rois, hw, score_thresh, nms_thresh,
                                                                      detections_per_img, min_size, weights),
                       class_logits.split(counts), box_deltas.split(counts), rois_per_image, image_hws,

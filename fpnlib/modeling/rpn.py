@@ -284,10 +284,10 @@ def select_proposals(
     logits, top_deltas = logits.detach().float(), top_deltas.detach().float()
     n = logits.shape[0]
     boxes = decode(top_deltas.reshape(-1, 4), top_anchors.reshape(-1, 4)).view(n, -1, 4)
-    # per image at once (parallel_pieces): NMS is a one-core kernel on a CPU and syncs on CUDA
+    # per image at once (parallel_pieces): NMS is a one-core kernel on a CPU and waits on CUDA
     out = map_pieces(lambda b, lg, hw: _proposals_for_image(b, lg, level_ids, hw, post_nms_top_n, nms_thresh, min_size,
                                                             rank_by_probability),
-                     boxes.unbind(0), logits.unbind(0), image_hws, device=boxes.device)
+                     boxes.unbind(0), logits.unbind(0), image_hws, device=boxes.device, cuda_streams=True)
     return out if with_levels else [(b, sc) for b, sc, _ in out]
 
 
