@@ -55,6 +55,15 @@ def hardware() -> dict:
     return info
 
 
+def _distribution_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:  # imported from a folder on the path, not installed
+        return "unknown"
+
+
 def versions() -> dict:
     """Versions of the libraries that shape the numbers."""
     import numpy
@@ -69,7 +78,7 @@ def versions() -> dict:
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "numpy": numpy.__version__,
-        "pycocotools": getattr(pycocotools, "__version__", "unknown"),
+        "pycocotools": getattr(pycocotools, "__version__", None) or _distribution_version("pycocotools"),
         "fpnlib": fpnlib.__version__,
     }
 
