@@ -96,7 +96,7 @@ def render_reproduce_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu")
 
 def render_bench_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> str:
     """Every ``results/bench/<hardware>.json``: images/s beside torchvision and where the time goes."""
-    from fpnlib.bench import summary
+    from fpnlib.bench import summary, targets
 
     files = sorted((Path(results_dir) / "bench").glob("*.json"))
     if not files:
@@ -105,12 +105,42 @@ def render_bench_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> 
     for path in files:
         rec = json.loads(path.read_text())
         out += [f"`results/bench/{path.name}` ({_provenance_line(rec['provenance'])}):", "", summary(rec), ""]
+        out += ["Targets: " + "; ".join(f"{t['config']} {t['measure']} {t['measured']:.2f} (target {t['target']}: "
+                                        f"{'met' if t['met'] else '**NOT met**'})" for t in targets(rec)), ""]
+        out.append("Where the time goes (fpnlib's step, stage by stage, each stage timed with a device sync):")
+        out.append("")
         for name, r in rec["configs"].items():
             for mode in ("train", "infer"):
                 st = r[mode]["fpnlib_stages"]
                 top = sorted(st["seconds"].items(), key=lambda kv: -kv[1])[:5]
                 out.append(f"- {name}, {mode} step {1000 * st['step_s']:.0f} ms: " + ", ".join(
                     f"{k} {100 * v / st['step_s']:.0f}%" for k, v in top))
+        out += ["", "Same detections, and memory:", ""]
+        for name, r in rec["configs"].items():
+            opt, plain, mem = r["same_outputs"], r["same_outputs_plain"], r.get("peak_memory", {})
+            line = (f"- {name}: float32 plain path vs torchvision, largest box difference "
+                    f"{plain['max_box_difference_px']:.2g} px; the timed path ({', '.join(r['fpnlib_inference_path'])}) "
+                    f"finds {100 * opt['torchvision_detections_found_iou_0.9']:.1f}% of torchvision's detections "
+                    f"(same label, IoU >= 0.9); inference is {r['infer']['fpnlib_detector_over_backbone_fpn']:.1f}x "
+                    f"backbone + FPN alone")
+            if mem:
+                line += "; peak memory over the inputs, fpnlib / torchvision: " + ", ".join(
+                    f"{mode} {mem[f'fpnlib_{mode}']['peak_over_before_mib']:.0f} / "
+                    f"{mem[f'torchvision_{mode}']['peak_over_before_mib']:.0f} MiB" for mode in ("train", "infer"))
+            out.append(line)
+        if "paper_runtime" in rec:
+            rt = rec["paper_runtime"]
+            t, paper = rt["s_per_image"], rt["paper_s_per_image_M40"]
+            faster = t["fpn_shared"] < t["c4_conv5_single_scale"]
+            out += ["", f"The paper's runtime (Sec. 5.2.3), ResNet-50, one {rt['image_size'][0]}x{rt['image_size'][1]} image, "
+                        f"median of {rt['reps']}: FPN Faster R-CNN {1000 * t['fpn_shared']:.1f} ms shared, "
+                        f"{1000 * t['fpn_not_shared']:.1f} ms not shared; single-scale C4 + conv5 baseline "
+                        f"{1000 * t['c4_conv5_single_scale']:.1f} ms (paper, M40: "
+                        f"{1000 * paper['faster_rcnn_fpn_r50_s_per_image_M40']:.0f} vs "
+                        f"{1000 * paper['single_scale_r50_baseline_s_per_image_M40']:.0f} ms). "
+                        + ("FPN is faster than the baseline here, as in the paper." if faster else
+                           "FPN is **NOT** faster than the baseline here (the paper's claim does not reproduce on "
+                           "this hardware).")]
         out.append("")
     return "\n".join(out).rstrip()
 

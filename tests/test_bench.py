@@ -108,3 +108,21 @@ def test_agreement_counts_matching_detections():
     assert bench.agreement(shifted, a) == 0.0  # IoU 0.54 and 0.74: below 0.9
     relabeled = [{"boxes": box, "labels": torch.tensor([1, 3])}]
     assert bench.agreement(relabeled, a) == 0.5
+
+
+def _record(device, ratios, detector_over_body=2.0):
+    configs = {name: {mode: {"speedup_fpnlib_over_torchvision": v} for mode, v in modes.items()}
+               for name, modes in ratios.items()}
+    for r in configs.values():
+        r["infer"]["fpnlib_detector_over_backbone_fpn"] = detector_over_body
+    return {"provenance": {"device": device}, "configs": configs}
+
+
+def test_targets_are_read_off_the_record():
+    cpu = bench.targets(_record("cpu", {"cpu_preset": {"train": 1.33, "infer": 1.2},
+                                        "r50_fpn": {"train": 1.05, "infer": 1.4}}))
+    assert [(t["config"], t["measure"], t["met"]) for t in cpu] == [
+        ("cpu_preset", "train", True), ("cpu_preset", "infer", True), ("r50_fpn", "train", False), ("r50_fpn", "infer", True)]
+    gpu = bench.targets(_record("cuda", {"r50_fpn_gpu": {"train": 1.6, "infer": 1.9}}, detector_over_body=1.4))
+    assert [(t["measure"], t["met"]) for t in gpu] == [("train", True), ("infer", False),
+                                                       ("detector / backbone+FPN", True)]

@@ -89,7 +89,7 @@ def map_pieces(fn: Callable[..., T], *columns: Sequence, device: torch.device | 
     grad mode and autocast state reach the threads (both are thread-local in PyTorch).
 
     ``cuda_streams`` is for pieces that wait on the GPU for long: measured on an H200
-    (``results/bench/cuda-nvidia-h200.json``, R50-FPN, 800 px, batch 8), streams took training's
+    (``results/bench/ab/cuda-nvidia-h200-*.json``, R50-FPN, 800 px, batch 8), streams took training's
     proposal selection from 28.9 to 13.3 ms per step, but made anchor labelling (9.4 -> 18.2 ms)
     and inference post-processing (12.7 -> 17.3 ms) slower; those run one by one on CUDA."""
     rows = list(zip(*columns))
