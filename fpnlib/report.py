@@ -133,7 +133,9 @@ def render_bench_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> 
             t, paper = rt["s_per_image"], rt["paper_s_per_image_M40"]
             faster = t["fpn_shared"] < t["c4_conv5_single_scale"]
             out += ["", f"The paper's runtime (Sec. 5.2.3), ResNet-50, one {rt['image_size'][0]}x{rt['image_size'][1]} image, "
-                        f"median of {rt['reps']}: FPN Faster R-CNN {1000 * t['fpn_shared']:.1f} ms shared, "
+                        f"median of {rt['reps']}, each head given "
+                        f"{'/'.join(str(n) for n in sorted(set(rt.get('rois_per_image', {}).values()))) or '?'} RoIs: "
+                        f"FPN Faster R-CNN {1000 * t['fpn_shared']:.1f} ms shared, "
                         f"{1000 * t['fpn_not_shared']:.1f} ms not shared; single-scale C4 + conv5 baseline "
                         f"{1000 * t['c4_conv5_single_scale']:.1f} ms (paper, M40: "
                         f"{1000 * paper['faster_rcnn_fpn_r50_s_per_image_M40']:.0f} vs "

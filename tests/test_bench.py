@@ -92,8 +92,9 @@ def test_memory_probe_reports_a_peak():
 
 
 def test_paper_runtime_times_the_three_detectors():
-    out = bench.paper_runtime("cpu", 64, 96, reps=1, warmup=0, progress=False)
+    out = bench.paper_runtime("cpu", 64, 96, reps=1, warmup=0, progress=False, proposals=16)
     assert set(out["s_per_image"]) == set(bench.RUNTIME_MODELS)
+    assert out["rois_per_image"] == {name: 16 for name in bench.RUNTIME_MODELS}  # every head gets the same work
     assert all(v > 0 for v in out["s_per_image"].values())
     assert out["paper_s_per_image_M40"]["faster_rcnn_fpn_r50_s_per_image_M40"] == 0.148  # the reference file's
     assert out["not_shared_over_shared"] == pytest.approx(
