@@ -75,24 +75,6 @@ def test_pieces_on_streams_give_the_sequential_detections_bit_for_bit():
             assert torch.equal(a[key], b[key]), key
 
 
-def test_grouped_nms_on_cuda_is_per_group_nms():
-    from torchvision.ops import nms
-
-    from fpnlib.modeling.grouped_nms import grouped_nms
-
-    g = torch.Generator().manual_seed(0)
-    xy, wh = torch.rand(20000, 2, generator=g) * 800, 5 + torch.rand(20000, 2, generator=g) * 200
-    boxes, scores = torch.cat([xy, xy + wh], 1).cuda(), torch.rand(20000, generator=g).cuda()
-    groups = torch.randint(0, 90, (20000,), generator=g).cuda()
-    keep_mask = torch.zeros(20000, dtype=torch.bool, device="cuda")  # the per-group loop, written out
-    for c in range(90):
-        members = torch.where(groups == c)[0]
-        keep_mask[members[nms(boxes[members], scores[members], 0.5)]] = True
-    expected = torch.where(keep_mask)[0]
-    expected = expected[scores[expected].sort(descending=True)[1]]
-    assert torch.equal(grouped_nms(boxes, scores, groups, 0.5), expected)
-
-
 def test_trainer_on_cuda_bf16_channels_last_and_resume(smoke_root, tmp_path):
     from fpnlib.data.coco import load_coco_split
     from fpnlib.data.transforms import build_transforms

@@ -12,10 +12,10 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+from torchvision.ops import batched_nms
 
 from .box_coder import clip_boxes, decode
 from .box_coder import FAST_RCNN_BOX_WEIGHTS
-from .grouped_nms import grouped_nms
 from .parallel_pieces import map_pieces
 
 
@@ -48,9 +48,9 @@ def _detections_for_image(
     wide = (boxes[:, 2] - boxes[:, 0] >= min_size) & (boxes[:, 3] - boxes[:, 1] >= min_size)
     keep = torch.nonzero((scores > score_thresh) & wide & torch.isfinite(boxes).all(dim=1)).squeeze(1)
     boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-    # The label is the NMS group: boxes only suppress boxes of their own class. grouped_nms
+    # The label is the NMS group: boxes only suppress boxes of their own class. batched_nms
     # returns indices by decreasing score, so the slice keeps the image's best detections.
-    keep = grouped_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
+    keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
     return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
 
 

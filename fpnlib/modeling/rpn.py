@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import batched_nms
 
 from .anchor_labels import label_anchors, sample_anchors
 from .box_coder import clip_boxes, decode, encode
-from .grouped_nms import grouped_nms
 from .parallel_pieces import map_pieces
 
 
@@ -251,7 +251,7 @@ def _proposals_for_image(
     # One call for all levels: the level index is the NMS group, so boxes only suppress boxes
     # of their own level. The result is sorted by decreasing score, across levels.
     ranking = logits.sigmoid() if rank_by_probability else logits
-    keep = grouped_nms(boxes, ranking, level_ids, nms_thresh)[:post_nms_top_n]
+    keep = batched_nms(boxes, ranking, level_ids, nms_thresh)[:post_nms_top_n]
     return boxes[keep], logits[keep].sigmoid(), level_ids[keep]
 
 
