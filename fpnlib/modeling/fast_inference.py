@@ -88,7 +88,8 @@ def for_cuda_training(model: nn.Module) -> nn.Module:
     autotuner on: what pays for training on a GPU (with the trainer's bf16 autocast). The
     parameters stay the same objects (an optimizer built before still holds them) and keep
     their names. On a CPU nothing changes: oneDNN's backward ran slower in channels_last
-    there (R50-FPN body at 512 px, 2 cores: 5.6 s against 5.0 s per forward + backward)."""
+    there (profiled once, R50-FPN body at 512 px, 2 cores: 5.6 s against 5.0 s per forward +
+    backward)."""
     if next(model.parameters()).device.type != "cuda":
         return model
     torch.backends.cudnn.benchmark = True  # fixed input sizes per batch: the autotuned choice is reused

@@ -2,7 +2,7 @@
 
 **CPU.** Three kernels of a detector run on one core: torchvision's ``roi_align``, its backward,
 and ``nms``. They are the same kernels in fpnlib and torchvision, and on a 2-core machine they
-were 40% of a ``cpu_preset`` training step's self time (``python -m fpnlib bench``). Each call
+were 37% of a ``cpu_preset`` training step's self time (torch.profiler, profiled once). Each call
 releases Python's GIL and the work splits into independent pieces (per image for NMS and
 post-processing, per (level, image) for RoIAlign), so Python threads run them one per core.
 
