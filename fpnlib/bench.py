@@ -367,24 +367,36 @@ def same_outputs(ours, theirs, cfg: BenchConfig, images, amp: bool = True) -> di
             "torchvision_detections_found_iou_0.9": round(agreement(a, b), 4)}
 
 
-def body_seconds(fast, cfg: BenchConfig, images, device, reps: int, warmup: int) -> float:
-    """Median seconds of the inference model's backbone + FPN alone on the bench batch (same
-    preprocessing and padding, same autocast), for the issue's "detector <= 1.5x body" target."""
+def _median_seconds(fn, reps: int, warmup: int, device) -> float:
+    """Median seconds of ``fn()`` over ``reps`` calls after ``warmup`` (device-synchronised)."""
+    times = []
+    for i in range(warmup + reps):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _padded_batch(model, images, min_size: int, max_size: int):
+    """``images`` as ``model`` sees them: preprocessed, on its device, padded into one batch;
+    returns (batch, image sizes)."""
     from fpnlib.modeling.detectors import batch_images
     from fpnlib.modeling.torchvision_interop import preprocess
 
-    inputs, _ = preprocess(images, cfg.min_size, cfg.max_size)
-    batch, _ = batch_images([im.to(device) for im in inputs], fast.cfg.size_divisible)
-    times = []
+    inputs, _ = preprocess(images, min_size, max_size)
+    device = next(model.parameters()).device
+    return batch_images([im.to(device) for im in inputs], model.cfg.size_divisible)
+
+
+def body_seconds(fast, cfg: BenchConfig, images, device, reps: int, warmup: int) -> float:
+    """Median seconds of the inference model's backbone + FPN alone on the bench batch (same
+    preprocessing and padding, same autocast), for the issue's "detector <= 1.5x body" target."""
+    batch, _ = _padded_batch(fast, images, cfg.min_size, cfg.max_size)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):
-        for i in range(warmup + reps):
-            _sync(device)
-            t = time.perf_counter()
-            fast.neck(fast.backbone(batch))
-            _sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        return _median_seconds(lambda: fast.neck(fast.backbone(batch)), reps, warmup, device)
 
 
 def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", memory: bool = True,
@@ -394,9 +406,7 @@ def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", 
     ours, theirs = build_pair(cfg)
     ours, theirs = ours.to(device), theirs.to(device)
     images, targets = synthetic_batch(cfg, device=device)
-    from fpnlib.modeling.fast_inference import optimized_for_inference
-
-    from fpnlib.modeling.fast_inference import for_cuda_training
+    from fpnlib.modeling.fast_inference import for_cuda_training, optimized_for_inference
 
     fast = optimized_for_inference(ours)
     record = {"config": asdict(cfg), "device": device, "reps": reps, "warmup": warmup,
@@ -478,15 +488,8 @@ def paper_runtime(device: str, min_size: int, max_size: int, reps: int = 5, warm
                     branch.deltas.weight.zero_(), branch.deltas.bias.zero_()  # proposals = anchors
         fast = optimized_for_inference(model)
         out.setdefault("rois_per_image", {})[name] = _rois_per_image(fast, images, min_size, max_size)
-        times = []
-        for i in range(warmup + reps):
-            _sync(device)
-            t = time.perf_counter()
-            detect(fast, images, min_size, max_size)
-            _sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t)
-        out["s_per_image"][name] = round(statistics.median(times), 5)
+        seconds = _median_seconds(lambda: detect(fast, images, min_size, max_size), reps, warmup, device)
+        out["s_per_image"][name] = round(seconds, 5)
         del model, fast
     t = out["s_per_image"]
     out["single_scale_over_fpn_shared"] = round(t["c4_conv5_single_scale"] / t["fpn_shared"], 3)
@@ -497,11 +500,7 @@ def paper_runtime(device: str, min_size: int, max_size: int, reps: int = 5, warm
 @torch.no_grad()
 def _rois_per_image(model, images, min_size: int, max_size: int) -> int:
     """How many proposals ``model``'s RPN hands its head for the first image."""
-    from fpnlib.modeling.detectors import batch_images
-    from fpnlib.modeling.torchvision_interop import preprocess
-
-    inputs, _ = preprocess(images, min_size, max_size)
-    batch, hws = batch_images([im.to(images[0].device) for im in inputs], model.cfg.size_divisible)
+    batch, hws = _padded_batch(model, images, min_size, max_size)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=batch.is_cuda):
         maps = model._maps(batch)
         return int(model.rpn(model._rpn_maps(batch, maps), hws)[0][0][0].shape[0])
