@@ -18,8 +18,8 @@ warm-up, the median of the repetitions is reported with the ratio fpnlib / torch
 fpnlib is faster). fpnlib runs inference the way it runs a trained detector:
 ``fast_inference.optimized_for_inference`` (frozen BN folded into the convolutions, channels_last;
 ``tests/test_fast_inference.py`` shows it gives the plain path's detections) and, on CUDA, bf16
-autocast; training runs the model the way ``fpnlib.engine.train`` trains it (on CUDA: bf16
-autocast, channels_last, cuDNN autotuning). On both, per-image and per-level pieces run at once
+autocast; training runs the model the way ``fpnlib.engine.train`` trains it (frozen BN inside the
+convolutions; on CUDA also bf16 autocast, channels_last, cuDNN autotuning). On both, per-image and per-level pieces run at once
 (``fpnlib.modeling.parallel_pieces``, bit-identical). torchvision runs as it comes (float32; on
 CUDA it shares the process-wide cuDNN autotuning and TF32 convolutions). Beside the ratios: the
 inference step over fpnlib's backbone + FPN alone, and (``paper_runtime``) the paper's
@@ -157,11 +157,14 @@ def _sync(device) -> None:
 
 def _steps(ours, theirs, cfg: BenchConfig, images, targets, device, fast=None):
     """``{library: {"train": step fn, "infer": step fn}}``; a train step is forward + backward + SGD.
-    ``fast``: fpnlib's inference model (default: ``optimized_for_inference(ours)``)."""
+    ``fast``: fpnlib's inference model (default: ``optimized_for_inference(ours)``); ``ours`` is
+    prepared for training in place (``fast_training.for_training``)."""
     from fpnlib.modeling import torchvision_interop as interop  # looked up per call: stage_timer wraps it
     from fpnlib.modeling.fast_inference import optimized_for_inference
+    from fpnlib.modeling.fast_training import for_training
 
     fast = fast if fast is not None else optimized_for_inference(ours)
+    for_training(ours)  # in place, as fpnlib.engine.train prepares a model
 
     opts = {lib: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
             for lib, m in (("fpnlib", ours), ("torchvision", theirs))}
@@ -406,17 +409,19 @@ def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", 
     ours, theirs = build_pair(cfg)
     ours, theirs = ours.to(device), theirs.to(device)
     images, targets = synthetic_batch(cfg, device=device)
-    from fpnlib.modeling.fast_inference import for_cuda_training, optimized_for_inference
+    from fpnlib.modeling.fast_inference import optimized_for_inference
+    from fpnlib.modeling.frozen_bn import ConvFrozenBN
 
     fast = optimized_for_inference(ours)
     record = {"config": asdict(cfg), "device": device, "reps": reps, "warmup": warmup,
               "fpnlib_inference_path": list(fast.optimizations) + (["bf16 autocast"] if device.startswith("cuda") else []),
-              "fpnlib_training_path": ["bf16 autocast", "channels_last", "cudnn.benchmark"] if device.startswith("cuda")
-              else ["float32, NCHW; RoIAlign and NMS per image on the CPU's threads (parallel_pieces)"],
               "same_outputs": same_outputs(fast, theirs, cfg, images),
               "same_outputs_plain": same_outputs(ours, theirs, cfg, images, amp=False)}
-    for_cuda_training(ours)  # what fpnlib's trainer does on CUDA (a CPU model is left as it is)
-    steps = _steps(ours, theirs, cfg, images, targets, device, fast=fast)
+    steps = _steps(ours, theirs, cfg, images, targets, device, fast=fast)  # ``ours`` now as the trainer has it
+    fused = sum(isinstance(m, ConvFrozenBN) for m in ours.modules())
+    record["fpnlib_training_path"] = ([f"{fused} frozen BN inside their convolutions"] if fused else []) + (
+        ["bf16 autocast", "channels_last", "cudnn.benchmark"] if device.startswith("cuda")
+        else ["float32, NCHW; RoIAlign and NMS per image on the CPU's threads (parallel_pieces)"])
     for mode in ("infer", "train"):
         if progress:
             print(f"[bench] {name}: {mode}, {reps} alternating repetitions after {warmup} warm-up", flush=True)

@@ -196,34 +196,61 @@ def test_eval_outputs_masks_at_the_input_size():
 
 # ---------------------------------------------------------------------------- learning
 
-# Segment AR (pycocotools, 1000 proposals) on the 16 smoke val images, seed 0, each variant
-# trained by ``table6.run_row`` on the smoke budget (150 iterations of 4 images; 60-100 s each
-# on the dev machine's 2 shared CPU cores):
+# Does each Table 6 row learn on the smoke budget (``table6.run_row``: 150 iterations of 4 images,
+# 60-100 s each on 2 CPU cores)? Measured by ``table6.held_out_losses`` on the 16 smoke val
+# images, trained against untrained (seed 0), not by AR: at this budget few pasted masks cross
+# 0.5 over most of an object, so AR is a count of one or two objects that swings with float
+# rounding. The same single_5x5 run gave AR 0.6, 1.2, 1.5 and 1.6 under four CPU kernel sets
+# (default, ATEN_CPU_CAPABILITY=default, ONEDNN_MAX_CPU_ISA=SSE41, one thread), and CI's
+# machine gave 0.6 where a threshold of 0.8 had passed here. The losses, the same four rows:
 #
-#     variant        untrained AR   trained AR   threshold
-#     single_5x5         0.0           1.6          0.8
-#     single_7x7         0.0           1.0          0.5
-#     dual               0.0           4.9          2.0
-#     dual_2x_mask       0.0           2.1          1.0
+#     variant        objectness BCE           mask BCE x 10
+#                    untrained   trained      untrained   trained
+#     single_5x5       0.69    0.19-0.20        6.94     4.46-4.54
+#     single_7x7       0.67    0.19             6.94     4.42
+#     dual             0.70    0.24             6.94     4.73
+#     dual_2x_mask     0.71    0.23             6.95     4.54
 #
-# An untrained model pastes near-random half-on masks and scores 0.0; after 80 iterations every
-# variant still predicted masks below 0.5 everywhere (empty after thresholding, AR 0.0). A broken
-# target, loss, sampler or paste leaves the trained model at 0.0 too. The numbers are low because
-# the mask branch learns slowly from scratch; the score alone is good (the same trained dual
-# model with ground-truth masks pasted at its top-1000 locations reaches AR 63.8).
+# (ranges: default kernels and ATEN_CPU_CAPABILITY=default; single values: default only).
+# An untrained model outputs ~0.5 everywhere (BCE ln 2 = 0.69); a broken sampler, target or
+# loss leaves the held-out losses there or pushes them up. Whether the masks come out right
+# (target crop, paste) is shown by ``test_dual_mlp_can_fit_the_masks_of_one_image``.
 LEARN_ITERATIONS = 150  # the smoke budget
-THRESHOLDS = {"single_5x5": 0.8, "single_7x7": 0.5, "dual": 2.0, "dual_2x_mask": 1.0}
+SCORE_FACTOR, MASK_FACTOR = 0.5, 0.8  # trained / untrained held-out loss must be below these
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", list(THRESHOLDS))
+@pytest.mark.parametrize("variant", ["single_5x5", "single_7x7", "dual", "dual_2x_mask"])
 def test_each_segment_variant_learns(variant, smoke_root, tmp_path):
-    from fpnlib.experiments.table6 import run_row
+    from fpnlib.data.coco import load_coco_split
+    from fpnlib.data.transforms import build_transforms
+    from fpnlib.engine.train import load_checkpoint
+    from fpnlib.experiments.table6 import build_row, held_out_losses, run_row
 
     row = run_row(variant, "smoke", smoke_root, tmp_path / variant, seed=0, iterations=LEARN_ITERATIONS, progress=False)
-    assert row["iterations"] == LEARN_ITERATIONS
-    ar, minimum = row["metrics"]["AR"], THRESHOLDS[variant]
-    assert ar >= minimum, f"{variant}: AR {ar:.1f} < {minimum}: {row['metrics']}"
+    assert row["iterations"] == LEARN_ITERATIONS and set(row["metrics"]) >= {"AR", "AR_s", "AR_m", "AR_l"}
+    val = load_coco_split(smoke_root, "val", transforms=build_transforms(False, 160, 214), with_masks=True)
+    untrained = held_out_losses(build_row(variant, "smoke", seed=0), val)
+    trained_model = build_row(variant, "smoke", seed=0)
+    load_checkpoint(trained_model, tmp_path / variant / "last.pt")
+    trained = held_out_losses(trained_model, val)
+    assert trained["loss_seg_score"] < SCORE_FACTOR * untrained["loss_seg_score"], (trained, untrained)
+    assert trained["loss_seg_mask"] < MASK_FACTOR * untrained["loss_seg_mask"], (trained, untrained, row["metrics"])
+
+
+def test_held_out_losses_leave_the_model_as_it_was(smoke_root):
+    from fpnlib.data.coco import load_coco_split
+    from fpnlib.data.transforms import build_transforms
+    from fpnlib.experiments.table6 import build_row, held_out_losses
+
+    val = load_coco_split(smoke_root, "val", transforms=build_transforms(False, 160, 214), with_masks=True)
+    model = build_row("single_5x5", "smoke").eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    first, second = held_out_losses(model, val), held_out_losses(model, val)
+    assert first == second and set(first) == {"loss_seg_score", "loss_seg_mask"}  # seeded draws
+    assert held_out_losses(model, val, seed=1) != first  # the seed picks the locations
+    assert not model.training and model.generator is None
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.slow
@@ -234,7 +261,7 @@ def test_untrained_model_scores_near_zero(smoke_root):
 
     val = load_coco_split(smoke_root, "val", transforms=build_transforms(False, 160, 214))
     metrics, seconds = evaluate_segments(build_row("dual", "smoke"), val, progress=False)
-    assert metrics["AR"] < min(THRESHOLDS.values()) / 2 and seconds > 0
+    assert metrics["AR"] < 0.25 and seconds > 0  # 0.0 measured: at most a hit or two by chance
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from fpnlib.config import get_preset
 from fpnlib.data.coco import load_coco_split
 from fpnlib.data.transforms import boxes_to_original, build_transforms, collate_fn
 from fpnlib.engine.evaluate import segment_proposal_recall
-from fpnlib.engine.train import Schedule, derive_seed, shortened, train
+from fpnlib.engine.train import Schedule, _to, derive_seed, shortened, train
 from fpnlib.experiments.tables import Claim, RowJob, check_claims, reuse_evaluated, final_losses, render_table, run_rows
 from fpnlib.modeling.segment_proposals import SegmentProposalNet, build_segment_model, paste_masks
 
@@ -147,6 +147,35 @@ def evaluate_segments(model: SegmentProposalNet, dataset, device: str | torch.de
     ``dataset`` by pycocotools, and the inference seconds per image."""
     proposals, seconds = predict_segments(model, dataset, device=device, progress=progress)
     return segment_proposal_recall(dataset.coco, proposals), seconds
+
+
+@torch.no_grad()
+def held_out_losses(model: SegmentProposalNet, dataset, seed: int = 0, batch_size: int = 4) -> dict[str, float]:
+    """The training losses of Appendix A (objectness BCE; mask BCE x 10 at positive locations)
+    of ``model`` on ``dataset`` (loaded ``with_masks=True``), with no update: the mean over
+    batches, the 128 locations per image drawn by a generator seeded with ``seed``.
+
+    Whether a small budget taught the model anything, independently of AR: AR counts a mask
+    only once its pasted probabilities cross 0.5 over most of the object, which few masks do
+    after a few hundred steps, so at that budget AR swings with float rounding (the same run gave
+    AR 0.6 to 1.5 across CPU kernel sets) while these losses move smoothly.
+    """
+    from torch.utils.data import DataLoader
+
+    device = next(model.parameters()).device
+    was_training, generator = model.training, model.generator
+    model.train()
+    model.generator = torch.Generator(device=device).manual_seed(seed)
+    sums, batches = {}, 0
+    try:
+        for images, targets in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn):
+            for k, v in model(*_to(device, images, targets)).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            batches += 1
+    finally:
+        model.train(was_training)
+        model.generator = generator
+    return {k: v / max(batches, 1) for k, v in sums.items()}
 
 
 @reuse_evaluated
