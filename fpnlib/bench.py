@@ -155,16 +155,16 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _steps(ours, theirs, cfg: BenchConfig, images, targets, device, fast=None):
+def _steps(ours, theirs, cfg: BenchConfig, images, targets, device, fast=None, fuse_bn: bool = True):
     """``{library: {"train": step fn, "infer": step fn}}``; a train step is forward + backward + SGD.
     ``fast``: fpnlib's inference model (default: ``optimized_for_inference(ours)``); ``ours`` is
-    prepared for training in place (``fast_training.for_training``)."""
+    prepared for training in place (``fast_training.for_training``, ``fuse_bn`` passed on)."""
     from fpnlib.modeling import torchvision_interop as interop  # looked up per call: stage_timer wraps it
     from fpnlib.modeling.fast_inference import optimized_for_inference
     from fpnlib.modeling.fast_training import for_training
 
     fast = fast if fast is not None else optimized_for_inference(ours)
-    for_training(ours)  # in place, as fpnlib.engine.train prepares a model
+    for_training(ours, fuse_bn=fuse_bn)  # in place, as fpnlib.engine.train prepares a model
 
     opts = {lib: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
             for lib, m in (("fpnlib", ours), ("torchvision", theirs))}
@@ -446,6 +446,25 @@ def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", 
     return record
 
 
+def ab_frozen_bn(name: str = "r50_fpn", reps: int = 6, warmup: int = 1, device: str = "cpu") -> dict:
+    """fpnlib's training step with its frozen BNs inside the convolutions (as the trainer runs it,
+    ``frozen_bn``) against the same model with them as layers; steps alternating, same weights,
+    inputs and SGD settings. Seconds per step and the speed-up (> 1: inside is faster)."""
+    cfg = CONFIGS[name]
+    ours, theirs = build_pair(cfg)
+    ours, theirs = ours.to(device), theirs.to(device)
+    layers = copy.deepcopy(ours)
+    images, targets = synthetic_batch(cfg, device=device)
+    steps = {"inside_convolutions": _steps(ours, theirs, cfg, images, targets, device, fast=ours)["fpnlib"],
+             "as_layers": _steps(layers, theirs, cfg, images, targets, device, fast=layers, fuse_bn=False)["fpnlib"]}
+    secs = time_alternating(steps, "train", reps, warmup, device)
+    med = {k: statistics.median(v) for k, v in secs.items()}
+    return {"config": asdict(cfg), "device": device, "reps": reps, "warmup": warmup, "mode": "train",
+            "seconds_per_step": {k: [round(x, 5) for x in v] for k, v in secs.items()},
+            "median_s": {k: round(v, 5) for k, v in med.items()},
+            "speedup_inside_over_layers": round(med["as_layers"] / med["inside_convolutions"], 3)}
+
+
 # Sec. 5.2.3's runtime: "0.148 s per image on an M40 GPU for ResNet-50" (FPN Faster R-CNN,
 # shared features) against 0.32 s for the single-scale ResNet-50 baseline (Table 3 (a), conv5 head)
 RUNTIME_MODELS = {
@@ -546,6 +565,18 @@ def bench(configs=None, reps: int = 10, warmup: int = 2, device: str | None = No
                                                 progress=progress)
         record["provenance"] = provenance("bench", 0, time.perf_counter() - t0, device=device)
         out.write_text(json.dumps(record, indent=1) + "\n")
+    return out
+
+
+def write_ab(label: str, measure, out_dir: Path, device: str | None = None, **kwargs) -> Path:
+    """``measure(device=..., **kwargs)``'s record with provenance, as ``out_dir/<hardware>-<label>.json``."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    record = measure(device=device, **kwargs)
+    record["provenance"] = provenance("bench", 0, time.perf_counter() - t0, device=device)
+    out = Path(out_dir) / f"{hardware_slug()}-{label}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
     return out
 
 

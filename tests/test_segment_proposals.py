@@ -141,6 +141,27 @@ def test_mlp_at_sampled_locations_equals_the_fully_convolutional_mlp():
         assert mlp.masks(sparse).shape == (4, 14, 14)
 
 
+def test_gather_patches_is_exact_and_its_gradient_the_same_every_time():
+    """The patches are F.unfold's, bit for bit; overlapping patches' gradients are summed in the
+    same order on every call (advanced indexing summed them with atomic adds on several CPU
+    threads, and a training run differed from the next in 1 step of ~8)."""
+    g = torch.Generator().manual_seed(0)
+    feat = torch.randn(2, 32, 20, 24, generator=g, requires_grad=True)
+    n = 3000  # many overlapping 5x5 patches: every pixel is in ~30 of them
+    b, y, x = (torch.randint(0, 2, (n,), generator=g), torch.randint(0, 20, (n,), generator=g),
+               torch.randint(0, 24, (n,), generator=g))
+    patches = gather_patches(feat, b, y, x, 5)
+    every = torch.nn.functional.unfold(feat.detach(), 5, padding=2).reshape(2, 32, 5, 5, 20, 24)
+    assert torch.equal(patches.detach(), every[b, :, :, :, y, x])
+    weights = torch.randn(patches.shape, generator=g)
+    grads = []
+    for _ in range(20):
+        feat.grad = None
+        (gather_patches(feat, b, y, x, 5) * weights).sum().backward()
+        grads.append(feat.grad.clone())
+    assert all(torch.equal(gr, grads[0]) for gr in grads[1:])
+
+
 def test_sampling_is_128_per_image_at_most_a_quarter_positive():
     labels = torch.zeros(5000, dtype=torch.long)
     labels[:200] = 1

@@ -19,9 +19,11 @@ from .fast_inference import _backbones, _to_channels_last
 from .frozen_bn import fuse_frozen_bn
 
 
-def for_training(model: nn.Module) -> nn.Module:
-    """``model``, in place, made faster to train on its device (see the module docstring)."""
-    fuse_frozen_bn(model)
+def for_training(model: nn.Module, fuse_bn: bool = True) -> nn.Module:
+    """``model``, in place, made faster to train on its device (see the module docstring);
+    ``fuse_bn=False`` keeps frozen BNs as layers (the A/B of ``fpnlib.bench.ab_frozen_bn``)."""
+    if fuse_bn:
+        fuse_frozen_bn(model)
     first = next(model.parameters(), None)
     if first is None or first.device.type != "cuda":
         return model

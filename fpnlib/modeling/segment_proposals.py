@@ -279,13 +279,20 @@ class MaskMLP(nn.Module):
 
 def gather_patches(feature: Tensor, b: Tensor, y: Tensor, x: Tensor, kernel: int) -> Tensor:
     """The ``kernel`` x ``kernel`` neighbourhoods of locations (b, y, x) of ``feature``
-    [N, C, H, W], zero-padded at the border as the conv is: [n, C, k, k]."""
+    [N, C, H, W], zero-padded at the border as the conv is: [n, C, k, k].
+
+    Gathered with ``index_select`` over the padded map's pixels: neighbouring patches overlap, and
+    the backward of plain advanced indexing sums the overlaps with atomic adds on several CPU
+    threads, in a different order from run to run (``index_put_`` with accumulate); the
+    backward of ``index_select`` adds them in index order, so training is the same every run.
+    """
     r = kernel // 2
     padded = F.pad(feature, (r, r, r, r))
+    n_img, c, hp, wp = padded.shape
+    pixels = padded.permute(0, 2, 3, 1).reshape(n_img * hp * wp, c)
     d = torch.arange(kernel, device=feature.device)
-    # advanced indices around a slice put the broadcast dims first: [n, k, k, C]
-    out = padded[b[:, None, None], :, (y[:, None] + d)[:, :, None], (x[:, None] + d)[:, None, :]]
-    return out.permute(0, 3, 1, 2)
+    rows = (b[:, None, None] * hp + (y[:, None] + d)[:, :, None]) * wp + (x[:, None] + d)[:, None, :]  # [n, k, k]
+    return pixels.index_select(0, rows.flatten()).reshape(len(b), kernel, kernel, c).permute(0, 3, 1, 2)
 
 
 # ----------------------------------------------------------------------------- pasting
