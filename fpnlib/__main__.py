@@ -85,9 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     p.add_argument("--no-runtime", action="store_true", help="skip the paper's runtime comparison (Sec. 5.2.3)")
     p.add_argument("--out", default=None, help="output folder (default: results/bench/)")
-    p.add_argument("--ab-frozen-bn", action="store_true",
-                   help="only the A/B of frozen BN inside the convolutions vs as layers (R50 training) "
-                        "-> results/bench/ab/<hardware>-frozen-bn.json")
     return parser
 
 
@@ -281,13 +278,6 @@ def main(argv: list[str] | None = None) -> int:
     elif args.verb == "bench":
         from fpnlib.bench import BENCH_DIR, bench, summary
 
-        if args.ab_frozen_bn:
-            from fpnlib.bench import ab_frozen_bn, write_ab
-
-            path = write_ab("frozen-bn", ab_frozen_bn, Path(args.out) if args.out else BENCH_DIR / "ab",
-                            reps=args.reps, warmup=args.warmup, device=args.device)
-            print(path.read_text())
-            return 0
         path = bench(args.configs, reps=args.reps, warmup=args.warmup, device=args.device,
                      out_dir=Path(args.out) if args.out else BENCH_DIR, memory=not args.no_memory,
                      runtime=not args.no_runtime)

@@ -18,8 +18,8 @@ warm-up, the median of the repetitions is reported with the ratio fpnlib / torch
 fpnlib is faster). fpnlib runs inference the way it runs a trained detector:
 ``fast_inference.optimized_for_inference`` (frozen BN folded into the convolutions, channels_last;
 ``tests/test_fast_inference.py`` shows it gives the plain path's detections) and, on CUDA, bf16
-autocast; training runs the model the way ``fpnlib.engine.train`` trains it (frozen BN inside the
-convolutions; on CUDA also bf16 autocast, channels_last, cuDNN autotuning). On both, per-image and per-level pieces run at once
+autocast; training runs the model the way ``fpnlib.engine.train`` trains it (on CUDA: bf16
+autocast, channels_last, cuDNN autotuning). On both, per-image and per-level pieces run at once
 (``fpnlib.modeling.parallel_pieces``, bit-identical). torchvision runs as it comes (float32; on
 CUDA it shares the process-wide cuDNN autotuning and TF32 convolutions). Beside the ratios: the
 inference step over fpnlib's backbone + FPN alone, and (``paper_runtime``) the paper's
@@ -155,16 +155,13 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _steps(ours, theirs, cfg: BenchConfig, images, targets, device, fast=None, fuse_bn: bool = True):
+def _steps(ours, theirs, cfg: BenchConfig, images, targets, device, fast=None):
     """``{library: {"train": step fn, "infer": step fn}}``; a train step is forward + backward + SGD.
-    ``fast``: fpnlib's inference model (default: ``optimized_for_inference(ours)``); ``ours`` is
-    prepared for training in place (``fast_training.for_training``, ``fuse_bn`` passed on)."""
+    ``fast``: fpnlib's inference model (default: ``optimized_for_inference(ours)``)."""
     from fpnlib.modeling import torchvision_interop as interop  # looked up per call: stage_timer wraps it
     from fpnlib.modeling.fast_inference import optimized_for_inference
-    from fpnlib.modeling.fast_training import for_training
 
     fast = fast if fast is not None else optimized_for_inference(ours)
-    for_training(ours, fuse_bn=fuse_bn)  # in place, as fpnlib.engine.train prepares a model
 
     opts = {lib: torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
             for lib, m in (("fpnlib", ours), ("torchvision", theirs))}
@@ -409,19 +406,17 @@ def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", 
     ours, theirs = build_pair(cfg)
     ours, theirs = ours.to(device), theirs.to(device)
     images, targets = synthetic_batch(cfg, device=device)
-    from fpnlib.modeling.fast_inference import optimized_for_inference
-    from fpnlib.modeling.frozen_bn import ConvFrozenBN
+    from fpnlib.modeling.fast_inference import for_cuda_training, optimized_for_inference
 
     fast = optimized_for_inference(ours)
     record = {"config": asdict(cfg), "device": device, "reps": reps, "warmup": warmup,
               "fpnlib_inference_path": list(fast.optimizations) + (["bf16 autocast"] if device.startswith("cuda") else []),
+              "fpnlib_training_path": ["bf16 autocast", "channels_last", "cudnn.benchmark"] if device.startswith("cuda")
+              else ["float32, NCHW; RoIAlign and NMS per image on the CPU's threads (parallel_pieces)"],
               "same_outputs": same_outputs(fast, theirs, cfg, images),
               "same_outputs_plain": same_outputs(ours, theirs, cfg, images, amp=False)}
-    steps = _steps(ours, theirs, cfg, images, targets, device, fast=fast)  # ``ours`` now as the trainer has it
-    fused = sum(isinstance(m, ConvFrozenBN) for m in ours.modules())
-    record["fpnlib_training_path"] = ([f"{fused} frozen BN inside their convolutions"] if fused else []) + (
-        ["bf16 autocast", "channels_last", "cudnn.benchmark"] if device.startswith("cuda")
-        else ["float32, NCHW; RoIAlign and NMS per image on the CPU's threads (parallel_pieces)"])
+    for_cuda_training(ours)  # what fpnlib's trainer does on CUDA (a CPU model is left as it is)
+    steps = _steps(ours, theirs, cfg, images, targets, device, fast=fast)
     for mode in ("infer", "train"):
         if progress:
             print(f"[bench] {name}: {mode}, {reps} alternating repetitions after {warmup} warm-up", flush=True)
@@ -444,25 +439,6 @@ def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", 
             print(f"[bench] {name}: peak memory", flush=True)
         record["peak_memory"] = peak_memory(cfg, ours, theirs, images, targets, device)
     return record
-
-
-def ab_frozen_bn(name: str = "r50_fpn", reps: int = 6, warmup: int = 1, device: str = "cpu") -> dict:
-    """fpnlib's training step with its frozen BNs inside the convolutions (as the trainer runs it,
-    ``frozen_bn``) against the same model with them as layers; steps alternating, same weights,
-    inputs and SGD settings. Seconds per step and the speed-up (> 1: inside is faster)."""
-    cfg = CONFIGS[name]
-    ours, theirs = build_pair(cfg)
-    ours, theirs = ours.to(device), theirs.to(device)
-    layers = copy.deepcopy(ours)
-    images, targets = synthetic_batch(cfg, device=device)
-    steps = {"inside_convolutions": _steps(ours, theirs, cfg, images, targets, device, fast=ours)["fpnlib"],
-             "as_layers": _steps(layers, theirs, cfg, images, targets, device, fast=layers, fuse_bn=False)["fpnlib"]}
-    secs = time_alternating(steps, "train", reps, warmup, device)
-    med = {k: statistics.median(v) for k, v in secs.items()}
-    return {"config": asdict(cfg), "device": device, "reps": reps, "warmup": warmup, "mode": "train",
-            "seconds_per_step": {k: [round(x, 5) for x in v] for k, v in secs.items()},
-            "median_s": {k: round(v, 5) for k, v in med.items()},
-            "speedup_inside_over_layers": round(med["as_layers"] / med["inside_convolutions"], 3)}
 
 
 # Sec. 5.2.3's runtime: "0.148 s per image on an M40 GPU for ResNet-50" (FPN Faster R-CNN,
@@ -565,18 +541,6 @@ def bench(configs=None, reps: int = 10, warmup: int = 2, device: str | None = No
                                                 progress=progress)
         record["provenance"] = provenance("bench", 0, time.perf_counter() - t0, device=device)
         out.write_text(json.dumps(record, indent=1) + "\n")
-    return out
-
-
-def write_ab(label: str, measure, out_dir: Path, device: str | None = None, **kwargs) -> Path:
-    """``measure(device=..., **kwargs)``'s record with provenance, as ``out_dir/<hardware>-<label>.json``."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    t0 = time.perf_counter()
-    record = measure(device=device, **kwargs)
-    record["provenance"] = provenance("bench", 0, time.perf_counter() - t0, device=device)
-    out = Path(out_dir) / f"{hardware_slug()}-{label}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
     return out
 
 

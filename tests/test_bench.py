@@ -127,15 +127,3 @@ def test_targets_are_read_off_the_record():
     gpu = bench.targets(_record("cuda", {"r50_fpn_gpu": {"train": 1.6, "infer": 1.9}}, detector_over_body=1.4))
     assert [(t["measure"], t["met"]) for t in gpu] == [("train", True), ("infer", False),
                                                        ("detector / backbone+FPN", True)]
-
-
-def test_ab_frozen_bn_record(tmp_path):
-    """The A/B runs both arms on the cpu_preset pair (GroupNorm: nothing to fuse, so the arms are the
-    same model) and writes a record with provenance; the R50 numbers come from real runs only."""
-    path = bench.write_ab("frozen-bn", bench.ab_frozen_bn, tmp_path, name="cpu_preset", reps=1, warmup=0,
-                          device="cpu")
-    record = json.loads(path.read_text())
-    assert path.name.endswith("-frozen-bn.json") and record["provenance"]["device"] == "cpu"
-    assert set(record["median_s"]) == {"inside_convolutions", "as_layers"}
-    assert all(len(v) == 1 and v[0] > 0 for v in record["seconds_per_step"].values())
-    assert record["speedup_inside_over_layers"] > 0

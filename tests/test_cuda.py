@@ -96,7 +96,7 @@ def test_trainer_on_cuda_bf16_channels_last_and_resume(smoke_root, tmp_path):
     model = FasterRCNN(cfg)
     with pytest.raises(KeyboardInterrupt):
         train(model, data, schedule, tmp_path, device="cuda", progress=False, on_iteration=interrupt)
-    assert model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)  # for_training ran
+    assert model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)  # for_cuda_training ran
     assert torch.backends.cudnn.benchmark
     torch.manual_seed(0)
     info = train(FasterRCNN(cfg), data, schedule, tmp_path, device="cuda", progress=False)

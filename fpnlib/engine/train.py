@@ -42,7 +42,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fpnlib.data.transforms import collate_fn
 from fpnlib.engine import distributed
-from fpnlib.modeling.fast_training import for_training
 
 
 class TrainingDiverged(RuntimeError):
@@ -241,7 +240,10 @@ def train(
     if world > 1 and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", distributed.local_rank())
     model.to(device)
-    for_training(model)  # frozen BN inside the convolutions; on CUDA channels_last + cuDNN autotuning
+    if device.type == "cuda":
+        from fpnlib.modeling.fast_inference import for_cuda_training
+
+        for_cuda_training(model)  # channels_last + cuDNN autotuning; a CPU run is left as it is
     optimizer = build_optimizer(model, schedule)
 
     from fpnlib.provenance import git_commit

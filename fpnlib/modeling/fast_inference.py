@@ -22,20 +22,21 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from .frozen_bn import CONV_NORM_PAIRS, frozen_bn_affine
-
 
 def fold_conv_frozen_bn(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> nn.Conv2d:
-    """``conv`` followed by ``bn`` as one convolution (a new module with a bias, the weights
-    scaled once; ``frozen_bn.ConvFrozenBN`` scales them at every call, to keep them trainable)."""
-    scale, shift = frozen_bn_affine(bn)
+    """``conv`` followed by ``bn`` as one convolution (a new module with a bias)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                       conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode)
     with torch.no_grad():
         fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.bias)
-        fused.bias.copy_(shift + bias * scale)
+        fused.bias.copy_(bn.bias + (bias - bn.running_mean) * scale)
     return fused.to(conv.weight.device)
+
+
+# (convolution, its norm) attribute pairs of torchvision's ResNet stem and blocks
+_PAIRS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
 
 def fold_frozen_bn(model: nn.Module) -> int:
@@ -43,7 +44,7 @@ def fold_frozen_bn(model: nn.Module) -> int:
     block or downsample branch; returns how many were folded."""
     folded = 0
     for module in model.modules():
-        for conv_name, bn_name in CONV_NORM_PAIRS:
+        for conv_name, bn_name in _PAIRS:
             conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
             if isinstance(conv, nn.Conv2d) and isinstance(bn, FrozenBatchNorm2d):
                 setattr(module, conv_name, fold_conv_frozen_bn(conv, bn))
@@ -80,6 +81,24 @@ def optimized_for_inference(model: nn.Module, channels_last: bool = True, fold_b
         applied.append("channels_last")
     fast.optimizations = tuple(applied)
     return fast
+
+
+def for_cuda_training(model: nn.Module) -> nn.Module:
+    """``model``, in place, in channels_last with its backbones' inputs converted, and cuDNN's
+    autotuner on: what pays for training on a GPU (with the trainer's bf16 autocast). The
+    parameters stay the same objects (an optimizer built before still holds them) and keep
+    their names. On a CPU nothing changes: oneDNN's backward ran slower in channels_last
+    there (profiled once, R50-FPN body at 512 px, 2 cores: 5.6 s against 5.0 s per forward +
+    backward)."""
+    if next(model.parameters()).device.type != "cuda":
+        return model
+    torch.backends.cudnn.benchmark = True  # fixed input sizes per batch: the autotuned choice is reused
+    model.to(memory_format=torch.channels_last)
+    for backbone in _backbones(model):
+        if not getattr(backbone, "_fpnlib_channels_last", False):
+            backbone.register_forward_pre_hook(_to_channels_last)
+            backbone._fpnlib_channels_last = True
+    return model
 
 
 def _backbones(model: nn.Module) -> list[nn.Module]:
