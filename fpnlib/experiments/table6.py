@@ -157,8 +157,8 @@ def held_out_losses(model: SegmentProposalNet, dataset, seed: int = 0, batch_siz
 
     Whether a small budget taught the model anything, independently of AR: AR counts a mask
     only once its pasted probabilities cross 0.5 over most of the object, which few masks do
-    after a few hundred steps, so at that budget AR swings with float rounding (the same run gave
-    AR 0.6 to 1.5 across CPU kernel sets) while these losses move smoothly.
+    after a few hundred steps, so at that budget AR swings with float rounding (the same smoke run
+    gave AR 0.6 to 1.6 across CPU kernel sets and thread counts) while these losses move smoothly.
     """
     from torch.utils.data import DataLoader
 

@@ -284,7 +284,8 @@ def gather_patches(feature: Tensor, b: Tensor, y: Tensor, x: Tensor, kernel: int
     Gathered with ``index_select`` over the padded map's pixels: neighbouring patches overlap, and
     the backward of plain advanced indexing sums the overlaps with atomic adds on several CPU
     threads, in a different order from run to run (``index_put_`` with accumulate); the
-    backward of ``index_select`` adds them in index order, so training is the same every run.
+    backward of ``index_select`` adds them in index order, so training on a CPU is the same every
+    run (on CUDA both sum with atomics).
     """
     r = kernel // 2
     padded = F.pad(feature, (r, r, r, r))
