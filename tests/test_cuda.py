@@ -103,3 +103,25 @@ def test_trainer_on_cuda_bf16_channels_last_and_resume(smoke_root, tmp_path):
     # the interrupt saved the 4 completed steps
     assert info["resumed_from"] == 4 and info["iterations"] == 6
     assert all(math.isfinite(v) for v in info["last_losses"].values())
+
+
+def test_segment_patch_gather_matches_the_cpu_and_repeats_its_gradient():
+    """``gather_patches`` takes another indexing path on CUDA (the one whose backward is the same
+    every run there): same patches as on the CPU, same gradient on every call."""
+    from fpnlib.modeling.segment_proposals import gather_patches
+
+    g = torch.Generator().manual_seed(0)
+    feat = torch.randn(2, 16, 12, 14, generator=g)
+    b, y, x = torch.randint(0, 2, (500,), generator=g), torch.randint(0, 12, (500,), generator=g), \
+        torch.randint(0, 14, (500,), generator=g)
+    cpu = gather_patches(feat, b, y, x, 5)
+    on_gpu = feat.cuda().requires_grad_()
+    patches = gather_patches(on_gpu, b.cuda(), y.cuda(), x.cuda(), 5)
+    assert torch.equal(patches.detach().cpu(), cpu)
+    weights = torch.randn(patches.shape, generator=g).cuda()  # uneven: a sum's order shows in its rounding
+    grads = []
+    for _ in range(5):
+        on_gpu.grad = None
+        (gather_patches(on_gpu, b.cuda(), y.cuda(), x.cuda(), 5) * weights).sum().backward()
+        grads.append(on_gpu.grad.clone())
+    assert all(torch.equal(gr, grads[0]) for gr in grads[1:])

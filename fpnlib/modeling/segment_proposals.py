@@ -281,18 +281,22 @@ def gather_patches(feature: Tensor, b: Tensor, y: Tensor, x: Tensor, kernel: int
     """The ``kernel`` x ``kernel`` neighbourhoods of locations (b, y, x) of ``feature``
     [N, C, H, W], zero-padded at the border as the conv is: [n, C, k, k].
 
-    Gathered with ``index_select`` over the padded map's pixels: neighbouring patches overlap, and
-    the backward of plain advanced indexing sums the overlaps with atomic adds on several CPU
-    threads, in a different order from run to run (``index_put_`` with accumulate); the
-    backward of ``index_select`` adds them in index order, so training on a CPU is the same every
-    run (on CUDA both sum with atomics).
+    Neighbouring patches overlap, so the backward sums several patches' gradients into one pixel,
+    and the order of that sum must not change from run to run. The backward of advanced indexing
+    does that on CUDA (it sorts the indices) but not on a CPU, where it adds with atomics on
+    several threads; the backward of ``index_select`` does it on a CPU (index order) but not on
+    CUDA. Each device takes the one that is the same every run; the patches are the same.
     """
     r = kernel // 2
     padded = F.pad(feature, (r, r, r, r))
+    d = torch.arange(kernel, device=feature.device)
+    ys, xs = (y[:, None] + d)[:, :, None], (x[:, None] + d)[:, None, :]  # [n, k, 1], [n, 1, k]
+    if feature.device.type != "cpu":
+        # advanced indices around a slice put the broadcast dims first: [n, k, k, C]
+        return padded[b[:, None, None], :, ys, xs].permute(0, 3, 1, 2)
     n_img, c, hp, wp = padded.shape
     pixels = padded.permute(0, 2, 3, 1).reshape(n_img * hp * wp, c)
-    d = torch.arange(kernel, device=feature.device)
-    rows = (b[:, None, None] * hp + (y[:, None] + d)[:, :, None]) * wp + (x[:, None] + d)[:, None, :]  # [n, k, k]
+    rows = (b[:, None, None] * hp + ys) * wp + xs  # [n, k, k] rows of ``pixels``
     return pixels.index_select(0, rows.flatten()).reshape(len(b), kernel, kernel, c).permute(0, 3, 1, 2)
 
 
