@@ -243,17 +243,23 @@ LEARN_ITERATIONS = 150  # the smoke budget
 SCORE_FACTOR, MASK_FACTOR = 0.5, 0.8  # trained / untrained held-out loss must be below these
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("variant", ["single_5x5", "single_7x7", "dual", "dual_2x_mask"])
-def test_each_segment_variant_learns(variant, smoke_root, tmp_path):
+@pytest.fixture(scope="module")
+def smoke_val_with_masks(smoke_root):
     from fpnlib.data.coco import load_coco_split
     from fpnlib.data.transforms import build_transforms
+
+    return load_coco_split(smoke_root, "val", transforms=build_transforms(False, 160, 214), with_masks=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["single_5x5", "single_7x7", "dual", "dual_2x_mask"])
+def test_each_segment_variant_learns(variant, smoke_root, smoke_val_with_masks, tmp_path):
     from fpnlib.engine.train import load_checkpoint
     from fpnlib.experiments.table6 import build_row, held_out_losses, run_row
 
     row = run_row(variant, "smoke", smoke_root, tmp_path / variant, seed=0, iterations=LEARN_ITERATIONS, progress=False)
     assert row["iterations"] == LEARN_ITERATIONS and set(row["metrics"]) >= {"AR", "AR_s", "AR_m", "AR_l"}
-    val = load_coco_split(smoke_root, "val", transforms=build_transforms(False, 160, 214), with_masks=True)
+    val = smoke_val_with_masks
     untrained = held_out_losses(build_row(variant, "smoke", seed=0), val)
     trained_model = build_row(variant, "smoke", seed=0)
     load_checkpoint(trained_model, tmp_path / variant / "last.pt")
@@ -262,12 +268,10 @@ def test_each_segment_variant_learns(variant, smoke_root, tmp_path):
     assert trained["loss_seg_mask"] < MASK_FACTOR * untrained["loss_seg_mask"], (trained, untrained, row["metrics"])
 
 
-def test_held_out_losses_leave_the_model_as_it_was(smoke_root):
-    from fpnlib.data.coco import load_coco_split
-    from fpnlib.data.transforms import build_transforms
+def test_held_out_losses_leave_the_model_as_it_was(smoke_val_with_masks):
     from fpnlib.experiments.table6 import build_row, held_out_losses
 
-    val = load_coco_split(smoke_root, "val", transforms=build_transforms(False, 160, 214), with_masks=True)
+    val = smoke_val_with_masks
     model = build_row("single_5x5", "smoke").eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     first, second = held_out_losses(model, val), held_out_losses(model, val)

@@ -14,8 +14,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
-from .box_coder import clip_boxes, decode
-from .box_coder import FAST_RCNN_BOX_WEIGHTS
+from .box_coder import FAST_RCNN_BOX_WEIGHTS, clip_boxes, decode, usable_boxes
 from .parallel_pieces import map_pieces
 
 
@@ -44,9 +43,7 @@ def _detections_for_image(
     scores = scores[:, 1:].reshape(-1)
     labels = labels[:, 1:].reshape(-1)
 
-    # one mask, one index (on CUDA every index of a mask waits for the GPU)
-    wide = (boxes[:, 2] - boxes[:, 0] >= min_size) & (boxes[:, 3] - boxes[:, 1] >= min_size)
-    keep = torch.nonzero((scores > score_thresh) & wide & torch.isfinite(boxes).all(dim=1)).squeeze(1)
+    keep = torch.nonzero((scores > score_thresh) & usable_boxes(boxes, min_size)).squeeze(1)
     boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
     # The label is the NMS group: boxes only suppress boxes of their own class. batched_nms
     # returns indices by decreasing score, so the slice keeps the image's best detections.

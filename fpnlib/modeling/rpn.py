@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 from .anchor_labels import label_anchors, sample_anchors
-from .box_coder import clip_boxes, decode, encode
+from .box_coder import clip_boxes, decode, encode, usable_boxes
 from .parallel_pieces import map_pieces
 
 
@@ -244,9 +244,7 @@ def _proposals_for_image(
     """Clip, drop small boxes, NMS within each level, keep the image's top ``post_nms_top_n``.
     Returns boxes, scores and the level index of each proposal."""
     boxes = clip_boxes(boxes, image_hw)
-    # one mask, one index (on CUDA every index of a mask waits for the GPU)
-    wide = (boxes[:, 2] - boxes[:, 0] >= min_size) & (boxes[:, 3] - boxes[:, 1] >= min_size)
-    keep = torch.nonzero(wide & torch.isfinite(boxes).all(dim=1) & torch.isfinite(logits)).squeeze(1)
+    keep = torch.nonzero(usable_boxes(boxes, min_size) & torch.isfinite(logits)).squeeze(1)
     boxes, logits, level_ids = boxes[keep], logits[keep], level_ids[keep]
     # One call for all levels: the level index is the NMS group, so boxes only suppress boxes
     # of their own level. The result is sorted by decreasing score, across levels.
