@@ -408,11 +408,15 @@ def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", 
     images, targets = synthetic_batch(cfg, device=device)
     from fpnlib.modeling.fast_inference import for_cuda_training, optimized_for_inference
 
+    from fpnlib.modeling.group_nms import path_note
+
     fast = optimized_for_inference(ours)
+    cuda = device.startswith("cuda")
     record = {"config": asdict(cfg), "device": device, "reps": reps, "warmup": warmup,
-              "fpnlib_inference_path": list(fast.optimizations) + (["bf16 autocast"] if device.startswith("cuda") else []),
-              "fpnlib_training_path": ["bf16 autocast", "channels_last", "cudnn.benchmark"] if device.startswith("cuda")
-              else ["float32, NCHW; RoIAlign and NMS per image on the CPU's threads (parallel_pieces)"],
+              "fpnlib_inference_path": list(fast.optimizations) + (["bf16 autocast"] if cuda else []) + [path_note(device)],
+              "fpnlib_training_path": (["bf16 autocast", "channels_last", "cudnn.benchmark"] if cuda
+                                       else ["float32, NCHW; RoIAlign and NMS per image on the CPU's threads (parallel_pieces)"])
+              + [path_note(device)],
               "same_outputs": same_outputs(fast, theirs, cfg, images),
               "same_outputs_plain": same_outputs(ours, theirs, cfg, images, amp=False)}
     for_cuda_training(ours)  # what fpnlib's trainer does on CUDA (a CPU model is left as it is)

@@ -125,3 +125,71 @@ def test_segment_patch_gather_matches_the_cpu_and_repeats_its_gradient():
         (gather_patches(on_gpu, b.cuda(), y.cuda(), x.cuda(), 5) * weights).sum().backward()
         grads.append(on_gpu.grad.clone())
     assert all(torch.equal(gr, grads[0]) for gr in grads[1:])
+
+
+def _both_paths(monkeypatch, fn):
+    monkeypatch.setenv("FPNLIB_GROUP_NMS", "0")
+    plain = fn()
+    monkeypatch.setenv("FPNLIB_GROUP_NMS", "1")
+    return plain, fn()
+
+
+def test_grouped_nms_gives_the_per_image_proposals_and_detections_on_cuda(monkeypatch):
+    """CUDA's default path (``group_nms``: the Triton overlap kernel where Triton is, else the
+    eager formula) against torchvision's NMS image by image: the same tensors."""
+    from test_group_nms import _clustered_boxes, _pyramid_outputs
+
+    from fpnlib.modeling import group_nms
+    from fpnlib.modeling.postprocess import detections_from_head
+    from fpnlib.modeling.rpn import select_proposals
+
+    print("overlaps by", "Triton" if group_nms._triton_overlaps() is not None else "the eager formula")
+    logits, deltas, anchors = _pyramid_outputs(3, (256, 320), seed=2)
+    logits, deltas, anchors = ({k: v.cuda() for k, v in d.items()} for d in (logits, deltas, anchors))
+    hws = [(256, 320), (200, 300), (256, 190)]
+    plain, grouped = _both_paths(monkeypatch, lambda: select_proposals(logits, deltas, anchors, hws, 300, 800, 0.7, 1.0,
+                                                                        with_levels=True))
+    for a, b in zip(plain, grouped, strict=True):
+        print("proposals", len(a[0]), len(b[0]))
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+    g = torch.Generator().manual_seed(3)
+    rois = [_clustered_boxes(g, 120, 300.0).cuda(), _clustered_boxes(g, 80, 300.0).cuda(), torch.zeros(0, 4).cuda(),
+            _clustered_boxes(g, 200, 300.0).cuda()]
+    total = sum(len(r) for r in rois)
+    head = (2.0 * torch.randn(total, 7, generator=g).cuda(), 0.5 * torch.randn(total, 28, generator=g).cuda())
+    hws = [(300, 320), (260, 300), (300, 300), (240, 280)]
+    plain, grouped = _both_paths(monkeypatch, lambda: detections_from_head(*head, rois, hws, detections_per_img=200))
+    for a, b in zip(plain, grouped, strict=True):
+        print("detections", len(a["boxes"]), len(b["boxes"]))
+        assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+
+
+def test_overlap_kernel_is_the_eager_formula_on_cuda():
+    from test_group_nms import _clustered_boxes
+
+    from fpnlib.modeling import group_nms
+
+    if group_nms._triton_overlaps() is None:
+        pytest.skip("no Triton: the eager formula is the path")
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.stack([_clustered_boxes(g, 1000) for _ in range(5)]).cuda()
+    valid = (torch.rand(5, 1000, generator=g) > 0.1).cuda()
+    for t in (0.5, 0.7):
+        upper = torch.ones((1000, 1000), dtype=torch.bool, device="cuda").triu_(1)
+        eager = group_nms.overlaps_above(boxes, t) & upper & valid[:, :, None]
+        kernel = group_nms._suppression_matrix(boxes, valid, t, torch.float16)
+        print(t, int(eager.sum()), int((kernel != eager.half()).sum()))
+        assert torch.equal(kernel, eager.half())
+
+
+def test_grouped_nms_end_to_end_detections_on_cuda(monkeypatch):
+    from fpnlib.modeling.fast_inference import optimized_for_inference
+    from fpnlib.modeling.torchvision_interop import detect
+
+    model, images = _model_and_images()
+    fast = optimized_for_inference(model)
+    plain, grouped = _both_paths(monkeypatch, lambda: detect(fast, images * 3, 96, 128))
+    assert sum(len(d["boxes"]) for d in plain) > 0
+    for a, b in zip(plain, grouped, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))

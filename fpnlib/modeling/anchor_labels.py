@@ -102,17 +102,18 @@ def label_anchors(
     else:
         iou = box_iou(gt_boxes.to(anchors.dtype), anchors)  # [G, A]
         max_iou, matched_idx = iou.max(dim=0)
-        labels[max_iou < neg_iou] = NEGATIVE
+        # torch.where, not labels[mask] = v: a mask index waits for the GPU, where does not
+        labels = torch.where(max_iou < neg_iou, NEGATIVE, labels)
         # Positives last so that they override negatives (the best anchor of a gt may
         # have IoU < neg_iou).
         positive = (max_iou > pos_iou) | best_anchors_per_gt(iou, None if outside is None else ~outside)
-        labels[positive] = POSITIVE
+        labels = torch.where(positive, POSITIVE, labels)
 
     if ignore_boxes is not None and ignore_boxes.numel() > 0 and num_anchors > 0:
         crowd = inside_ignore_boxes(anchors, ignore_boxes.to(anchors.dtype), ignore_ioa)
-        labels[crowd & (labels != POSITIVE)] = IGNORE
+        labels = torch.where(crowd & (labels != POSITIVE), IGNORE, labels)
     if outside is not None:
-        labels[outside] = IGNORE
+        labels = torch.where(outside, IGNORE, labels)
     return labels, matched_idx
 
 
@@ -121,6 +122,7 @@ def sample_anchors(
     num: int = 256,
     positive_fraction: float = 0.5,
     generator: torch.Generator | None = None,
+    counts: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Indices of the anchors that enter the RPN loss for one image (Sec. 5.1).
 
@@ -128,12 +130,27 @@ def sample_anchors(
     to ``num`` (Faster R-CNN pads with negatives when an image has few positives). Fewer
     available anchors give fewer indices. Subsets come from ``torch.randperm`` with
     ``generator``, so a seeded generator makes the draw reproducible.
+
+    ``counts``: the numbers of positives and negatives in ``labels``, when the caller already
+    read them (:func:`label_counts`, for a whole batch at once: on CUDA each read waits).
     """
-    positive = torch.nonzero(labels == POSITIVE).flatten()
-    negative = torch.nonzero(labels == NEGATIVE).flatten()
-    num_pos = min(int(num * positive_fraction), positive.numel())
-    num_neg = min(num - num_pos, negative.numel())
+    if counts is None:
+        counts = label_counts([labels])[0]
+    n_pos, n_neg = counts
+    # nonzero_static: indices of a size known here, so no second wait on the GPU
+    positive = torch.nonzero_static(labels == POSITIVE, size=n_pos).flatten()
+    negative = torch.nonzero_static(labels == NEGATIVE, size=n_neg).flatten()
+    num_pos = min(int(num * positive_fraction), n_pos)
+    num_neg = min(num - num_pos, n_neg)
     return _random_subset(positive, num_pos, generator), _random_subset(negative, num_neg, generator)
+
+
+def label_counts(labels: list[Tensor]) -> list[tuple[int, int]]:
+    """(positives, negatives) of each label vector, read in one wait."""
+    if not labels:
+        return []
+    both = torch.stack([torch.stack([(lab == POSITIVE).sum(), (lab == NEGATIVE).sum()]) for lab in labels])
+    return [(int(p), int(n)) for p, n in both.tolist()]
 
 
 def _random_subset(idx: Tensor, k: int, generator: torch.Generator | None) -> Tensor:

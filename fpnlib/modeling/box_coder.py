@@ -81,8 +81,8 @@ def clip_boxes(boxes: Tensor, image_hw: tuple[int, int]) -> Tensor:
 
 
 def usable_boxes(boxes: Tensor, min_size: float) -> Tensor:
-    """Bool mask of the ``[N, 4]`` xyxy boxes that are finite and at least ``min_size`` wide and
+    """Bool mask of the ``[..., 4]`` xyxy boxes that are finite and at least ``min_size`` wide and
     high (``torchvision.ops.remove_small_boxes`` as a mask, so a caller can combine it with its
     own conditions and index once: on CUDA every index of a mask waits for the GPU)."""
-    wide = (boxes[:, 2] - boxes[:, 0] >= min_size) & (boxes[:, 3] - boxes[:, 1] >= min_size)
-    return wide & torch.isfinite(boxes).all(dim=1)
+    wide = (boxes[..., 2] - boxes[..., 0] >= min_size) & (boxes[..., 3] - boxes[..., 1] >= min_size)
+    return wide & torch.isfinite(boxes).all(dim=-1)

@@ -121,9 +121,11 @@ class FastRCNN(nn.Module):
                                     self.cfg.nms_thresh, self.cfg.detections_per_img)
 
     def _sample(self, proposals: Tensor, target: dict):
+        boxes, labels, crowd_boxes = target["boxes"], target["labels"], None
         crowd = target.get("iscrowd")
-        crowd = crowd.to(torch.bool) if crowd is not None else torch.zeros(len(target["boxes"]), dtype=torch.bool)
-        return sample_rois(proposals, target["boxes"][~crowd], target["labels"][~crowd],
-                           batch_size_per_image=self.cfg.batch_per_image,
+        if crowd is not None:  # (without crowds no mask index: on CUDA each one waits for the GPU)
+            crowd = crowd.to(torch.bool)
+            boxes, labels, crowd_boxes = boxes[~crowd], labels[~crowd], boxes[crowd]
+        return sample_rois(proposals, boxes, labels, batch_size_per_image=self.cfg.batch_per_image,
                            positive_fraction=self.cfg.positive_fraction, generator=self.generator,
-                           ignore_boxes=target["boxes"][crowd] if bool(crowd.any()) else None)
+                           ignore_boxes=crowd_boxes if crowd_boxes is not None and len(crowd_boxes) else None)

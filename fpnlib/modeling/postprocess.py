@@ -15,6 +15,7 @@ from torch import Tensor
 from torchvision.ops import batched_nms
 
 from .box_coder import FAST_RCNN_BOX_WEIGHTS, clip_boxes, decode, usable_boxes
+from .group_nms import greedy_keep, use_group_nms
 from .parallel_pieces import map_pieces
 
 
@@ -51,6 +52,62 @@ def _detections_for_image(
     return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
 
 
+def _detections_grouped(
+    class_logits: Tensor,
+    box_deltas: Tensor,
+    rois_per_image: Sequence[Tensor],
+    image_hws: Sequence[tuple[int, int]],
+    score_thresh: float,
+    nms_thresh: float,
+    detections_per_img: int,
+    min_size: float,
+    weights: Sequence[float],
+) -> list[dict[str, Tensor]]:
+    """``_detections_for_image`` for all images at once (``group_nms``): every (image, class)
+    with a candidate is one NMS group. The host waits for the groups' sizes, to test NMS's
+    convergence, and for the images' counts."""
+    counts = [r.shape[0] for r in rois_per_image]
+    n_img, n_cls, width = len(counts), class_logits.shape[1] - 1, max(counts, default=0)
+    scores = torch.softmax(class_logits.float(), dim=-1)[:, 1:]
+    rois = torch.cat(list(rois_per_image)).float() if counts else class_logits.new_zeros((0, 4))
+    boxes = decode(box_deltas.float().reshape(-1, n_cls + 1, 4), rois[:, None, :], weights)[:, 1:]
+    boxes = torch.cat([clip_boxes(b, hw) for b, hw in zip(boxes.split(counts), image_hws)])
+    scores = scores.masked_fill(~((scores > score_thresh) & usable_boxes(boxes, min_size)), float("-inf"))
+
+    def by_class(x: Tensor, fill) -> Tensor:  # [R, K, ...] -> [N * K, width, ...], padded with fill
+        out = x.new_full((n_img, width) + x.shape[1:], fill)
+        for i, part in enumerate(x.split(counts)):
+            out[i, :part.shape[0]] = part
+        return out.transpose(1, 2).flatten(0, 1)
+
+    group_scores = by_class(scores, float("-inf"))
+    sizes = torch.isfinite(group_scores).sum(dim=1).tolist()  # wait: which groups, how wide
+    groups = [g for g, size in enumerate(sizes) if size]
+    n = max(sizes, default=0)
+    empty = {"boxes": boxes.new_zeros((0, 4)), "scores": scores.new_zeros((0,)),
+             "labels": torch.zeros((0,), dtype=torch.int64, device=scores.device)}
+    if n == 0:
+        return [dict(empty) for _ in range(n_img)]
+    rows = torch.tensor(groups, device=scores.device)
+    top, pos = group_scores[rows].sort(dim=1, descending=True, stable=True)
+    top, pos = top[:, :n], pos[:, :n]
+    top_boxes = torch.take_along_dim(by_class(boxes, 0.0)[rows], pos[..., None], dim=1)
+    keep = greedy_keep(top_boxes, torch.isfinite(top), nms_thresh)
+    # every image's kept detections by decreasing score, the image's best detections_per_img
+    kept = top.new_full((n_img * n_cls, n), float("-inf"))
+    kept[rows] = top.masked_fill(~keep, float("-inf"))
+    kept_boxes = top_boxes.new_zeros((n_img * n_cls, n, 4))
+    kept_boxes[rows] = top_boxes
+    best = kept.view(n_img, -1).argsort(dim=1, descending=True, stable=True)[:, :detections_per_img]
+    found = torch.isfinite(kept).view(n_img, -1).sum(dim=1).clamp(max=detections_per_img).tolist()  # wait
+    out = []
+    for i, count in enumerate(found):
+        b = best[i, :count]
+        out.append({"boxes": kept_boxes.view(n_img, -1, 4)[i, b], "scores": kept.view(n_img, -1)[i, b],
+                    "labels": torch.div(b, n, rounding_mode="floor") + 1})
+    return out
+
+
 @torch.no_grad()
 def detections_from_head(
     class_logits: Tensor,
@@ -76,6 +133,9 @@ def detections_from_head(
     if sum(counts) != class_logits.shape[0] or box_deltas.shape[0] != class_logits.shape[0]:
         raise ValueError(f"rois_per_image hold {sum(counts)} RoIs, the head outputs "
                          f"{class_logits.shape[0]} and {box_deltas.shape[0]} rows")
+    if use_group_nms(class_logits.device):
+        return _detections_grouped(class_logits, box_deltas, rois_per_image, image_hws, score_thresh, nms_thresh,
+                                   detections_per_img, min_size, weights)
     # per image at once on a CPU (parallel_pieces): NMS is a one-core kernel
     return map_pieces(lambda lg, dt, rois, hw: _detections_for_image(lg, dt, rois, hw, score_thresh, nms_thresh,
                                                                      detections_per_img, min_size, weights),

@@ -84,13 +84,13 @@ def sample_rois(
     else:
         max_iou, matched = box_iou(gt_boxes, candidates).max(dim=0)  # best gt of each candidate
 
-    flags = torch.full((num,), IGNORE, dtype=torch.int64, device=device)
-    flags[(max_iou >= bg_iou_lo) & (max_iou < bg_iou_hi)] = NEGATIVE
+    # torch.where, not flags[mask] = v: a mask index waits for the GPU, where does not
+    flags = torch.where((max_iou >= bg_iou_lo) & (max_iou < bg_iou_hi), NEGATIVE, IGNORE)
     # Foreground last: with overlapping ranges (bg_iou_hi > fg_iou) foreground wins.
-    flags[max_iou >= fg_iou] = POSITIVE
+    flags = torch.where(max_iou >= fg_iou, POSITIVE, flags)
     if ignore_boxes is not None and ignore_boxes.numel() > 0 and num > 0:
         crowd = inside_ignore_boxes(candidates, ignore_boxes.to(candidates.dtype), ignore_ioa)
-        flags[crowd & (flags == NEGATIVE)] = IGNORE
+        flags = torch.where(crowd & (flags == NEGATIVE), IGNORE, flags)
 
     # The same draw as the RPN's anchors: a random capped subset of positives, then negatives.
     fg, bg = sample_anchors(flags, batch_size_per_image, positive_fraction, generator)

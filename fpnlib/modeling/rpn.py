@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
-from .anchor_labels import label_anchors, sample_anchors
+from .anchor_labels import label_anchors, label_counts, sample_anchors
 from .box_coder import clip_boxes, decode, encode, usable_boxes
+from .group_nms import grouped_nms, use_group_nms
 from .parallel_pieces import map_pieces
 
 
@@ -184,10 +185,11 @@ def rpn_losses(
     # labelling draws nothing: all images at once (parallel_pieces); the sampling draws, in image order
     labelled = map_pieces(lambda gt, hw, ignore: _label_image(anchors, gt, hw, cfg, ignore), gt_boxes, image_hws,
                           ignores, device=anchors.device)
+    counts = label_counts([anchor_labels for anchor_labels, _ in labelled])  # one wait for the batch
     logits, labels, pos_deltas, pos_targets = [], [], [], []
     for i, (gt, (anchor_labels, matched)) in enumerate(zip(gt_boxes, labelled)):
         pos, neg = sample_anchors(anchor_labels, num=cfg.batch_per_image, positive_fraction=cfg.positive_fraction,
-                                  generator=generator)
+                                  generator=generator, counts=counts[i])
         logits.append(objectness[i, torch.cat([pos, neg])])
         labels.append(torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]).to(objectness.dtype))
         pos_deltas.append(deltas[i, pos])
@@ -253,6 +255,47 @@ def _proposals_for_image(
     return boxes[keep], logits[keep].sigmoid(), level_ids[keep]
 
 
+def _proposals_grouped(
+    boxes: Tensor,
+    logits: Tensor,
+    level_sizes: Sequence[int],
+    image_hws: Sequence[tuple[int, int]],
+    post_nms_top_n: int,
+    nms_thresh: float,
+    min_size: float,
+    rank_by_probability: bool = False,
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """``_proposals_for_image`` for all images at once (``group_nms``): every (image, level) is
+    one NMS group; the host waits to test NMS's convergence and once for the images' counts.
+    ``boxes`` [N, K, 4] and ``logits`` [N, K] hold the levels one after the other, ``level_sizes``
+    entries each."""
+    n_img, n_lvl, width = boxes.shape[0], len(level_sizes), max(level_sizes)
+    boxes = torch.stack([clip_boxes(b, hw) for b, hw in zip(boxes, image_hws)])
+    valid = usable_boxes(boxes, min_size) & torch.isfinite(logits)
+    ranking = logits.sigmoid() if rank_by_probability else logits
+
+    def by_level(x: Tensor, fill) -> Tensor:  # [N, K, ...] -> [N * levels, width, ...], padded with fill
+        out = x.new_full((n_img, n_lvl, width) + x.shape[2:], fill)
+        for lvl, part in enumerate(x.split(list(level_sizes), dim=1)):
+            out[:, lvl, :part.shape[1]] = part
+        return out.flatten(0, 1)
+
+    order, keep = grouped_nms(by_level(boxes, 0.0), by_level(ranking, 0.0), by_level(valid, False), nms_thresh)
+    # back to padded positions per image, then the image's top post_nms_top_n over its levels
+    slot = (order + torch.arange(n_lvl, device=order.device).repeat(n_img)[:, None] * width).view(n_img, -1)
+    kept_rank = torch.take_along_dim(by_level(ranking, 0.0), order, dim=1).masked_fill(~keep, float("-inf"))
+    best = kept_rank.view(n_img, -1).argsort(dim=1, descending=True, stable=True)[:, :post_nms_top_n]
+    slot = torch.take_along_dim(slot, best, dim=1)
+    counts = keep.view(n_img, -1).sum(dim=1).clamp(max=post_nms_top_n).tolist()  # the one wait for counts
+    flat_boxes = by_level(boxes, 0.0).view(n_img, -1, 4)
+    flat_logits = by_level(logits, 0.0).view(n_img, -1)
+    out = []
+    for i, count in enumerate(counts):
+        s = slot[i, :count]
+        out.append((flat_boxes[i, s], flat_logits[i, s].sigmoid(), torch.div(s, width, rounding_mode="floor")))
+    return out
+
+
 @torch.no_grad()
 def select_proposals(
     objectness: Mapping[str, Tensor] | Sequence[Tensor],
@@ -282,6 +325,11 @@ def select_proposals(
     logits, top_deltas = logits.detach().float(), top_deltas.detach().float()
     n = logits.shape[0]
     boxes = decode(top_deltas.reshape(-1, 4), top_anchors.reshape(-1, 4)).view(n, -1, 4)
+    if use_group_nms(boxes.device):
+        sizes = [min(pre_nms_top_n, a.shape[0]) for a in anchors.values()]
+        out = _proposals_grouped(boxes, logits, sizes, image_hws, post_nms_top_n, nms_thresh, min_size,
+                                 rank_by_probability)
+        return out if with_levels else [(b, sc) for b, sc, _ in out]
     # per image at once (parallel_pieces): NMS is a one-core kernel on a CPU and waits on CUDA
     out = map_pieces(lambda b, lg, hw: _proposals_for_image(b, lg, level_ids, hw, post_nms_top_n, nms_thresh, min_size,
                                                             rank_by_probability),

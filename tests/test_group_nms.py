@@ -1,0 +1,156 @@
+"""The grouped NMS path (``group_nms``, CUDA's default) keeps what torchvision's NMS keeps, and
+proposal selection and post-processing give the per-image path's outputs through it.
+
+Run on a CPU with ``FPNLIB_GROUP_NMS=1``; tolerance: none, the outputs are compared with
+``torch.equal`` (inputs have no tied scores, whose order torchvision leaves open).
+``tests/test_cuda.py`` compares the two paths on a GPU.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.ops import nms
+
+from fpnlib.modeling.anchors import AnchorGenerator
+from fpnlib.modeling.group_nms import greedy_keep, grouped_nms, overlaps_above, use_group_nms
+from fpnlib.modeling.postprocess import detections_from_head
+from fpnlib.modeling.rpn import select_proposals
+
+
+def _clustered_boxes(g: torch.Generator, n: int, size: float = 200.0) -> torch.Tensor:
+    """Boxes around a few centres: long chains of suppression, as a detector's outputs have."""
+    centres = torch.rand(4, 2, generator=g) * size
+    xy = centres[torch.randint(0, 4, (n,), generator=g)] + torch.randn(n, 2, generator=g) * 6
+    wh = 10 + torch.rand(n, 2, generator=g) * 40
+    return torch.cat([xy, xy + wh], 1)
+
+
+def test_switch(monkeypatch):
+    monkeypatch.delenv("FPNLIB_GROUP_NMS", raising=False)
+    assert use_group_nms("cuda") and not use_group_nms("cpu")
+    monkeypatch.setenv("FPNLIB_GROUP_NMS", "0")
+    assert not use_group_nms("cuda")
+    monkeypatch.setenv("FPNLIB_GROUP_NMS", "1")
+    assert use_group_nms("cpu")
+
+
+def test_overlaps_are_torchvisions_iou_above_the_threshold():
+    from torchvision.ops import box_iou
+
+    boxes = _clustered_boxes(torch.Generator().manual_seed(0), 300)
+    for t in (0.3, 0.5, 0.7):
+        assert torch.equal(overlaps_above(boxes, t), box_iou(boxes, boxes) > t)
+
+
+@pytest.mark.parametrize("thresh", [0.5, 0.7])
+def test_grouped_nms_keeps_what_torchvision_keeps(thresh):
+    g = torch.Generator().manual_seed(1)
+    groups, n = 6, 150
+    boxes = torch.stack([_clustered_boxes(g, n) for _ in range(groups)])
+    scores = torch.rand(groups, n, generator=g)
+    valid = torch.rand(groups, n, generator=g) > 0.2
+    valid[4] = False  # an empty group
+    valid[5, 1:] = False  # a group of one
+    order, keep = grouped_nms(boxes, scores, valid, thresh)
+    for k in range(groups):
+        kept = order[k][keep[k]]
+        members = torch.nonzero(valid[k]).squeeze(1)
+        expected = members[nms(boxes[k, members], scores[k, members], thresh)]
+        assert torch.equal(kept, expected), k  # same boxes, same (decreasing score) order
+    assert keep[:4].sum() > 20 and (~keep[:4] & torch.take_along_dim(valid[:4], order[:4], 1)).sum() > 20
+
+
+def test_greedy_keep_resolves_a_chain_box_by_box():
+    # each box overlaps the next one only: greedy keeps every other box, a chain of 9 rounds
+    boxes = torch.tensor([[float(x), 0.0, x + 10.0, 10.0] for x in range(0, 90, 5)])[None]
+    keep = greedy_keep(boxes, torch.ones(1, 18, dtype=torch.bool), 0.3)
+    assert keep[0].tolist() == [i % 2 == 0 for i in range(18)]
+
+
+def _pyramid_outputs(n: int, image_hw: tuple[int, int], seed: int):
+    strides = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
+    gen = AnchorGenerator({k: (8.0 * s,) for k, s in strides.items()})
+    h, w = image_hw
+    maps = {k: torch.zeros(n, 1, -(-h // s), -(-w // s)) for k, s in strides.items()}
+    g = torch.Generator().manual_seed(seed)
+    logits = {k: torch.randn(n, 3, *m.shape[-2:], generator=g) for k, m in maps.items()}
+    deltas = {k: 0.3 * torch.randn(n, 12, *m.shape[-2:], generator=g) for k, m in maps.items()}
+    return logits, deltas, gen(maps)
+
+
+@pytest.mark.parametrize("rank_by_probability", [False, True])
+def test_grouped_proposals_are_the_per_image_ones(monkeypatch, rank_by_probability):
+    logits, deltas, anchors = _pyramid_outputs(3, (256, 320), seed=2)
+    logits["p4"][1, :, :2] = float("-inf")  # non-finite logits are dropped
+    deltas["p3"][2, 2:4] = -8.0  # tiny boxes, dropped by min_size
+    hws = [(256, 320), (200, 300), (256, 190)]
+    args = (logits, deltas, anchors, hws, 300, 800, 0.7, 1.0)
+    monkeypatch.setenv("FPNLIB_GROUP_NMS", "0")
+    plain = select_proposals(*args, with_levels=True, rank_by_probability=rank_by_probability)
+    monkeypatch.setenv("FPNLIB_GROUP_NMS", "1")
+    grouped = select_proposals(*args, with_levels=True, rank_by_probability=rank_by_probability)
+    counts = [len(p[0]) for p in plain]
+    assert min(counts) > 500 and 800 in counts and len(set(counts)) == 3  # the cap binds for one image only
+    for a, b in zip(plain, grouped, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x, y)
+        assert len(set(a[2].tolist())) == 5  # every level contributes
+
+
+def test_grouped_detections_are_the_per_image_ones(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    num_classes = 6  # + background
+    rois = [_clustered_boxes(g, 120, 300.0), _clustered_boxes(g, 80, 300.0), torch.zeros(0, 4),
+            _clustered_boxes(g, 200, 300.0)]
+    total = sum(len(r) for r in rois)
+    logits = 2.0 * torch.randn(total, num_classes + 1, generator=g)
+    deltas = 0.5 * torch.randn(total, 4 * (num_classes + 1), generator=g)
+    hws = [(300, 320), (260, 300), (300, 300), (240, 280)]
+    monkeypatch.setenv("FPNLIB_GROUP_NMS", "0")
+    plain = detections_from_head(logits, deltas, rois, hws, detections_per_img=200)
+    monkeypatch.setenv("FPNLIB_GROUP_NMS", "1")
+    grouped = detections_from_head(logits, deltas, rois, hws, detections_per_img=200)
+    assert [len(d["boxes"]) for d in plain][2] == 0 and sum(len(d["boxes"]) for d in plain) > 100
+    assert [len(d["boxes"]) for d in plain] == [200, 153, 0, 200]  # the cap binds for two images
+    for a, b in zip(plain, grouped, strict=True):
+        for key in ("boxes", "scores", "labels"):
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+def test_grouped_detections_of_nothing(monkeypatch):
+    monkeypatch.setenv("FPNLIB_GROUP_NMS", "1")
+    rois = [torch.tensor([[10.0, 10.0, 50.0, 50.0]])]
+    logits = torch.tensor([[5.0, -5.0, -5.0]])  # background: no candidate above 0.05
+    (det,) = detections_from_head(logits, torch.zeros(1, 12), rois, [(100, 100)])
+    assert det["boxes"].shape == (0, 4) and det["labels"].dtype == torch.int64
+
+
+def test_overlap_kernel_in_tritons_interpreter_is_the_eager_formula():
+    """The Triton kernel CUDA runs, executed by Triton's CPU interpreter (where Triton is
+    installed; CI's CPU environment has none, ``tests/test_cuda.py`` runs it on a GPU)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed")
+    script = (
+        "import torch\n"
+        "from test_group_nms import _clustered_boxes\n"
+        "from fpnlib.modeling import group_nms\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "boxes = torch.stack([_clustered_boxes(g, 130) for _ in range(3)])\n"
+        "valid = torch.rand(3, 130, generator=g) > 0.2\n"
+        "upper = torch.ones(130, 130, dtype=torch.bool).triu(1)\n"
+        "for t in (0.5, 0.7):\n"
+        "    eager = group_nms.overlaps_above(boxes, t) & upper & valid[:, :, None]\n"
+        "    assert group_nms._triton_overlaps() is not None\n"
+        "    assert torch.equal(group_nms._suppression_matrix(boxes, valid, t, torch.float32), eager.float()), t\n"
+        "    assert eager.sum() > 50\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__)), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", script], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
