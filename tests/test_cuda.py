@@ -175,12 +175,35 @@ def test_overlap_kernel_is_the_eager_formula_on_cuda():
     g = torch.Generator().manual_seed(0)
     boxes = torch.stack([_clustered_boxes(g, 1000) for _ in range(5)]).cuda()
     valid = (torch.rand(5, 1000, generator=g) > 0.1).cuda()
+    upper = torch.ones((1000, 1000), dtype=torch.bool, device="cuda").triu_(1)
     for t in (0.5, 0.7):
-        upper = torch.ones((1000, 1000), dtype=torch.bool, device="cuda").triu_(1)
-        eager = group_nms.overlaps_above(boxes, t) & upper & valid[:, :, None]
-        kernel = group_nms._suppression_matrix(boxes, valid, t, torch.float16)
-        print(t, int(eager.sum()), int((kernel != eager.half()).sum()))
-        assert torch.equal(kernel, eager.half())
+        for fused in (False, True):
+            eager = group_nms.overlaps_above(boxes, t, fused) & upper & valid[:, :, None]
+            kernel = group_nms._suppression_matrix(boxes, valid, t, torch.float16, fused)
+            print(t, fused, int(eager.sum()), int((kernel != eager.half()).sum()))
+            assert torch.equal(kernel, eager.half())
+
+
+@pytest.mark.parametrize("t", [0.5, 0.7])
+def test_borderline_pairs_are_decided_as_torchvisions_cuda_kernel_decides(t):
+    """Pairs at IoU t +- a few float steps: the grouped path's arithmetic on CUDA (fused area
+    sum) decides each as torchvision's CUDA ``nms`` does; the unfused sum (its CPU kernel's)
+    would not."""
+    from test_group_nms import borderline_pairs, torchvision_suppresses
+
+    from fpnlib.modeling import group_nms
+
+    pairs = borderline_pairs(3000, t, "cuda")
+    truth = torchvision_suppresses(pairs, t)
+    valid = torch.ones(len(pairs), 2, dtype=torch.bool, device="cuda")
+    path = group_nms._suppression_matrix(pairs, valid, t, torch.float16)[:, 0, 1] > 0
+    eager = group_nms.overlaps_above(pairs, t, fused=True)[:, 0, 1]
+    unfused = group_nms.overlaps_above(pairs, t)[:, 0, 1]
+    print(f"t={t}: disagreements with torchvision's CUDA nms: path {int((path != truth).sum())}, eager fused "
+          f"{int((eager != truth).sum())}, unfused {int((unfused != truth).sum())} of {len(pairs)}")
+    assert 0.2 < truth.float().mean() < 0.8
+    assert torch.equal(path, truth) and torch.equal(eager, truth)
+    assert (unfused != truth).sum() > 10
 
 
 def test_grouped_nms_end_to_end_detections_on_cuda(monkeypatch):

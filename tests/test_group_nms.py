@@ -25,6 +25,52 @@ def _clustered_boxes(g: torch.Generator, n: int, size: float = 200.0) -> torch.T
     return torch.cat([xy, xy + wh], 1)
 
 
+def borderline_pairs(n: int, t: float, device="cpu", seed: int = 0) -> torch.Tensor:
+    """``[n, 2, 4]`` float32 box pairs whose IoU lies within a few float32 steps of ``t``: the
+    pairs that the rounding of each operation decides."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.rand(n, 8, generator=g, dtype=torch.float64)
+    a = torch.stack([r[:, 0] * 500, r[:, 1] * 500, r[:, 0] * 500 + 10 + r[:, 2] * 300,
+                     r[:, 1] * 500 + 10 + r[:, 3] * 300], 1)
+    size = (a[:, 2:] - a[:, :2]) * (0.8 + 0.2 * r[:, 4:6])
+    dy = r[:, 6] - 0.5
+
+    def shifted(dx):  # b: its own size, shifted from a by (dx, dy)
+        corner = a[:, :2] + torch.stack([dx, dy], 1)
+        return torch.cat([corner, corner + size], 1)
+
+    def iou(b):
+        wh = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0)
+        inter = wh.prod(1)
+        return inter / ((a[:, 2:] - a[:, :2]).prod(1) + size.prod(1) - inter)
+
+    lo, hi = torch.zeros(n, dtype=torch.float64), size[:, 0].clone()
+    for _ in range(80):  # bisection on the shift: IoU falls as b moves away
+        mid = (lo + hi) / 2
+        above = iou(shifted(mid)) > t
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    pairs = torch.stack([a, shifted(lo)], 1).float()
+    step = torch.randint(-1, 2, (n,), generator=g).float()  # b's x1 one float step either way, or not
+    pairs[:, 1, 0] = torch.nextafter(pairs[:, 1, 0], pairs[:, 1, 0] + step * 1e9)
+    return pairs.to(device)
+
+
+def torchvision_suppresses(pairs: torch.Tensor, t: float) -> torch.Tensor:
+    """Bool ``[n]``: torchvision's NMS suppresses the second box of each pair (one call each)."""
+    scores = torch.tensor([1.0, 0.5], device=pairs.device)
+    return torch.tensor([len(nms(p, scores, t)) == 1 for p in pairs], device=pairs.device)
+
+
+@pytest.mark.parametrize("t", [0.5, 0.7])
+def test_borderline_pairs_are_decided_as_torchvisions_cpu_kernel_decides(t):
+    pairs = borderline_pairs(3000, t)
+    truth = torchvision_suppresses(pairs, t)
+    assert 0.2 < truth.float().mean() < 0.8  # both sides of the threshold
+    assert torch.equal(overlaps_above(pairs, t)[:, 0, 1], truth)
+    # the CUDA kernel's rounding decides some of these pairs the other way: the test can tell
+    assert (overlaps_above(pairs, t, fused=True)[:, 0, 1] != truth).sum() > 10
+
+
 def test_switch(monkeypatch):
     monkeypatch.delenv("FPNLIB_GROUP_NMS", raising=False)
     assert use_group_nms("cuda") and not use_group_nms("cpu")
@@ -144,9 +190,11 @@ def test_overlap_kernel_in_tritons_interpreter_is_the_eager_formula():
         "valid = torch.rand(3, 130, generator=g) > 0.2\n"
         "upper = torch.ones(130, 130, dtype=torch.bool).triu(1)\n"
         "for t in (0.5, 0.7):\n"
-        "    eager = group_nms.overlaps_above(boxes, t) & upper & valid[:, :, None]\n"
+        "  for fused in (False, True):\n"
+        "    eager = group_nms.overlaps_above(boxes, t, fused) & upper & valid[:, :, None]\n"
         "    assert group_nms._triton_overlaps() is not None\n"
-        "    assert torch.equal(group_nms._suppression_matrix(boxes, valid, t, torch.float32), eager.float()), t\n"
+        "    kernel = group_nms._suppression_matrix(boxes, valid, t, torch.float32, fused)\n"
+        "    assert torch.equal(kernel, eager.float()), (t, fused)\n"
         "    assert eager.sum() > 50\n"
     )
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
