@@ -216,3 +216,20 @@ def test_grouped_nms_end_to_end_detections_on_cuda(monkeypatch):
     assert sum(len(d["boxes"]) for d in plain) > 0
     for a, b in zip(plain, grouped, strict=True):
         assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+
+
+def test_anchor_sampling_on_cuda_draws_the_right_subsets_reproducibly():
+    from fpnlib.modeling.anchor_labels import NEGATIVE, POSITIVE, sample_anchors
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(-1, 2, (50000,), generator=g).cuda()
+    labels[:40000][labels[:40000] == POSITIVE] = NEGATIVE  # 1/3 of 10000 positives, ~1/2 of the rest negative
+    draws = []
+    for _ in range(2):
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        pos, neg = sample_anchors(labels, 256, 0.5, generator=gen)
+        assert len(pos) == 128 and len(neg) == 128
+        assert (labels[pos] == POSITIVE).all() and (labels[neg] == NEGATIVE).all()
+        assert len(set(pos.tolist())) == 128 and len(set(neg.tolist())) == 128
+        draws.append((pos, neg))
+    assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
