@@ -58,23 +58,6 @@ def test_bf16_inference_finds_the_float32_detections():
     assert all(d["boxes"].dtype == torch.float32 for d in bf16)  # post-processing runs in float32
 
 
-def test_pieces_on_streams_give_the_sequential_detections_bit_for_bit():
-    from fpnlib.modeling import parallel_pieces
-    from fpnlib.modeling.fast_inference import optimized_for_inference
-    from fpnlib.modeling.torchvision_interop import detect
-
-    model, images = _model_and_images()
-    fast = optimized_for_inference(model)
-    images = images * 3  # 6 images: pieces in flight on several streams
-    with parallel_pieces.sequential():
-        one_by_one = detect(fast, images, 96, 128)
-    at_once = detect(fast, images, 96, 128)
-    assert sum(len(d["boxes"]) for d in one_by_one) > 0
-    for a, b in zip(one_by_one, at_once, strict=True):
-        for key in ("boxes", "scores", "labels"):
-            assert torch.equal(a[key], b[key]), key
-
-
 def test_trainer_on_cuda_bf16_channels_last_and_resume(smoke_root, tmp_path):
     from fpnlib.data.coco import load_coco_split
     from fpnlib.data.transforms import build_transforms

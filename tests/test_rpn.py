@@ -370,15 +370,3 @@ def test_fpn_rpn_learns_to_propose_the_objects():
     best_iou = best_iou_of_top_proposals()
     assert torch.all(best_iou > 0.5), best_iou
 
-
-def test_smallest_keys_draws_uniform_subsets():
-    """CUDA's sampler (``anchor_labels.smallest_keys``): k distinct positions, each as likely."""
-    from fpnlib.modeling.anchor_labels import smallest_keys
-
-    g = torch.Generator().manual_seed(0)
-    hits = torch.zeros(10)
-    for _ in range(3000):
-        s = smallest_keys(10, 3, g, "cpu")
-        assert len(set(s.tolist())) == 3 and 0 <= s.min() and s.max() < 10
-        hits[s] += 1
-    assert (hits - 900).abs().max() < 120  # 3/10 of 3000 draws each; binomial sd 25

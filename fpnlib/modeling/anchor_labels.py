@@ -154,19 +154,7 @@ def label_counts(labels: list[Tensor]) -> list[tuple[int, int]]:
 
 
 def _random_subset(idx: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
-    """``k`` of ``idx`` drawn uniformly without replacement, in random order."""
-    device = generator.device if generator is not None else idx.device
-    if device.type == "cuda":
-        return idx[smallest_keys(idx.numel(), k, generator, device).to(idx.device)]
     # randperm must run on the generator's device; the result goes back to idx's device.
+    device = generator.device if generator is not None else idx.device
     perm = torch.randperm(idx.numel(), generator=generator, device=device)[:k]
     return idx[perm.to(idx.device)]
-
-
-def smallest_keys(n: int, k: int, generator: torch.Generator | None, device) -> Tensor:
-    """Positions of the ``k`` smallest of ``n`` uniform keys: the same uniform ``k``-subset in
-    random order as ``randperm(n)[:k]``, another draw. Used on CUDA, where one ``randperm`` cost
-    ~150 us of host time (torch.profiler, R50-FPN training on an H100: 32 calls a step), two
-    kernels here."""
-    keys = torch.rand(n, generator=generator, device=device)
-    return keys.topk(k, largest=False).indices

@@ -6,18 +6,16 @@ were 37% of a ``cpu_preset`` training step's self time (torch.profiler, profiled
 releases Python's GIL and the work splits into independent pieces (per image for NMS and
 post-processing, per (level, image) for RoIAlign), so Python threads run them one per core.
 
-**CUDA.** The per-image pieces (proposal selection, post-processing) wait on the GPU several
-times each: boolean indexing, and NMS, which finishes its suppression on the host. Run one
-after the other, 8 images wait 8 times in a row. Here each piece runs in a thread of its own
-with a CUDA stream of its own, so one image's wait overlaps the others' work; the caller's
-stream then waits for every piece's stream (events), and the outputs are recorded on it, so
-the caching allocator does not hand their memory out while it may still be read.
+**CUDA** runs every piece in a plain loop: there the per-image NMS of proposal selection and
+post-processing is replaced by one grouped NMS for the whole batch (``group_nms``), which
+measured faster than running the images on CUDA streams of their own
+(``results/bench/ab/README.md``).
 
 The results are the sequential ones, bit for bit: each piece is computed by the same kernels on
 the same numbers, and RoIAlign's backward writes each image's gradient from that image's RoIs
-only, in their order (``tests/test_parallel_pieces.py`` compares both ways on a CPU,
-``tests/test_cuda.py`` on a GPU). Only pieces that draw no random numbers run this way (a shared
-generator would hand out its draws in thread order). With one CPU thread
+only, in their order (``tests/test_parallel_pieces.py`` compares both ways). Only pieces that
+draw no random numbers run this way (a shared generator would hand out its draws in thread
+order). With one CPU thread
 (``torch.get_num_threads() == 1``, as in ``run_rows``' worker processes), inside
 ``sequential()``, or with ``FPNLIB_PARALLEL_PIECES=0``, everything runs in a plain loop.
 """
@@ -35,10 +33,8 @@ from torch import Tensor
 
 T = TypeVar("T")
 
-CUDA_WORKERS = 8  # pieces in flight on a GPU (one stream each)
-
 _state = threading.local()
-_pools: dict[tuple[str, int], ThreadPoolExecutor] = {}
+_pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 
 
@@ -59,74 +55,33 @@ def sequential():
 
 def _workers(device: torch.device | str, pieces: int) -> int:
     device = torch.device(device)
-    if not _enabled() or pieces < 2 or device.type not in ("cpu", "cuda"):
+    if not _enabled() or pieces < 2 or device.type != "cpu":
         return 1
-    return min(torch.get_num_threads() if device.type == "cpu" else CUDA_WORKERS, pieces)
+    return min(torch.get_num_threads(), pieces)
 
 
-def _pool(kind: str, workers: int) -> ThreadPoolExecutor:
+def _pool(workers: int) -> ThreadPoolExecutor:
     with _pools_lock:
-        if (kind, workers) not in _pools:
-            _pools[kind, workers] = ThreadPoolExecutor(workers, thread_name_prefix=f"fpnlib-{kind}")
-        return _pools[kind, workers]
+        if workers not in _pools:
+            _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="fpnlib-pieces")
+        return _pools[workers]
 
 
-def _tensors(obj):
-    if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
-
-
-def map_pieces(fn: Callable[..., T], *columns: Sequence, device: torch.device | str = "cpu",
-               cuda_streams: bool = False) -> list[T]:
-    """``[fn(*row) for row in zip(*columns)]``, the rows at once on a CPU (threads) and, with
-    ``cuda_streams``, on CUDA (threads with a stream each); results in input order. The caller's
-    grad mode and autocast state reach the threads (both are thread-local in PyTorch).
-
-    ``cuda_streams`` is for pieces that wait on the GPU for long: measured on an H200
-    (``results/bench/ab/cuda-nvidia-h200-*.json``, R50-FPN, 800 px, batch 8), streams took training's
-    proposal selection from 28.9 to 13.3 ms per step, but made anchor labelling (9.4 -> 18.2 ms)
-    and inference post-processing (12.7 -> 17.3 ms) slower; those run one by one on CUDA."""
+def map_pieces(fn: Callable[..., T], *columns: Sequence, device: torch.device | str = "cpu") -> list[T]:
+    """``[fn(*row) for row in zip(*columns)]``, the rows at once on a CPU's threads (a plain loop
+    elsewhere); results in input order. The caller's grad mode reaches the threads (it is
+    thread-local in PyTorch)."""
     rows = list(zip(*columns))
-    device = torch.device(device)
-    workers = _workers(device, len(rows)) if device.type == "cpu" or cuda_streams else 1
+    workers = _workers(device, len(rows))
     if workers == 1:
         return [fn(*row) for row in rows]
     grad = torch.is_grad_enabled()
-    if device.type == "cpu":
-        def run(row):
-            with torch.set_grad_enabled(grad):
-                return fn(*row)
 
-        return list(_pool("cpu", workers).map(run, rows))
-    caller = torch.cuda.current_stream(device)
-    autocast, dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    def run(row):
+        with torch.set_grad_enabled(grad):
+            return fn(*row)
 
-    def run_on_stream(row):
-        streams = _state.__dict__.setdefault("streams", {})  # this worker thread's own
-        if device not in streams:
-            streams[device] = torch.cuda.Stream(device)
-        stream = streams[device]
-        stream.wait_stream(caller)  # the inputs, made on the caller's stream, are ready
-        with torch.cuda.stream(stream), torch.set_grad_enabled(grad), \
-                torch.autocast("cuda", dtype=dtype, enabled=autocast):
-            out = fn(*row)
-            done = torch.cuda.Event()
-            done.record(stream)
-        return out, done
-
-    results = list(_pool("cuda", workers).map(run_on_stream, rows))
-    for out, done in results:
-        caller.wait_event(done)
-        for t in _tensors(out):
-            if t.is_cuda:
-                t.record_stream(caller)
-    return [out for out, _ in results]
+    return list(_pool(workers).map(run, rows))
 
 
 # ---------------------------------------------------------------- RoIAlign per (level, image)

@@ -333,7 +333,7 @@ def select_proposals(
     # per image at once (parallel_pieces): NMS is a one-core kernel on a CPU and waits on CUDA
     out = map_pieces(lambda b, lg, hw: _proposals_for_image(b, lg, level_ids, hw, post_nms_top_n, nms_thresh, min_size,
                                                             rank_by_probability),
-                     boxes.unbind(0), logits.unbind(0), image_hws, device=boxes.device, cuda_streams=True)
+                     boxes.unbind(0), logits.unbind(0), image_hws, device=boxes.device)
     return out if with_levels else [(b, sc) for b, sc, _ in out]
 
 
