@@ -202,3 +202,22 @@ def test_overlap_kernel_in_tritons_interpreter_is_the_eager_formula():
     done = subprocess.run([sys.executable, "-W", "ignore", "-c", script], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_torchvisions_coordinate_trick_decides_some_borderline_pairs_otherwise():
+    """Why the grouped path can differ from ``torchvision.ops.batched_nms`` at all: for small
+    inputs (<= 1000 boxes on a CPU, 5000 on CUDA) it shifts each group's boxes by group x (largest
+    coordinate + 1) and runs one NMS, so a pair's IoU is rounded on shifted coordinates. The
+    grouped path, like ``batched_nms`` on larger inputs, decides each group on its own boxes."""
+    from torchvision.ops import batched_nms
+
+    t = 0.5
+    pairs = borderline_pairs(1000, t, seed=4)
+    on_own_boxes = torchvision_suppresses(pairs, t)
+    far = torch.tensor([[1300.0, 780.0, 1333.0, 800.0]])  # the largest coordinate of an 800 x 1333 image
+    shifted = torch.tensor([1 not in batched_nms(torch.cat([p, far]), torch.tensor([1.0, 0.5, 0.1]),
+                                                 torch.tensor([90, 90, 1]), t).tolist() for p in pairs])
+    differ = int((shifted != on_own_boxes).sum())
+    print(f"batched_nms (class 90, shifted boxes) decides {differ} of {len(pairs)} borderline pairs otherwise")
+    assert differ > 100
+    assert torch.equal(overlaps_above(pairs, t)[:, 0, 1], on_own_boxes)

@@ -13,12 +13,14 @@ batch is suppressed with tensor operations:
 2. ``greedy_keep``: greedy NMS keeps box ``j`` iff no *kept* box ranked before it overlaps it,
    ``keep[j] = not any_{i<j} keep[i] and S[i, j]``. Iterating this map from "keep all" fixes
    one more leading box per round, and its only fixed point is greedy NMS's answer, so the
-   iteration stops exactly there (Cluster-NMS, Zheng et al., 2020: the rounds needed are the
-   longest chain of suppressions, 3-14 on the bench's R50-FPN groups, not the boxes' count).
+   iteration stops exactly there (as Cluster-NMS, Zheng et al., 2020: the rounds needed are
+   the longest chain of suppressions, not the number of boxes).
 
 Each round is one batched matrix-vector product; the host waits only to test convergence.
-The kept sets are torchvision's (``tests/test_group_nms.py``); orders of equal scores may
-differ (torchvision's sort is not stable, this one is). Dense pairs cost ``G * n^2`` work, so
+The kept sets are those of torchvision's ``nms`` run on each group (``tests/test_group_nms.py``,
+``tests/test_cuda.py``); orders of equal scores may differ (torchvision's sort is not stable,
+this one is). ``batched_nms`` on small inputs shifts each group's boxes first, which can decide
+a pair at the threshold otherwise (README, "Same detections through grouped NMS"). Dense pairs cost ``G * n^2`` work, so
 a CPU, where torchvision's kernel skips suppressed boxes, keeps the per-image path
 (``use_group_nms``).
 """
@@ -55,9 +57,9 @@ def overlaps_above(boxes: Tensor, thresh: float, fused: bool = False) -> Tensor:
     decided as there: ``inter / (area_i + area_j - inter)``, where the CPU kernel rounds
     ``area_j = w_j * h_j`` before the sum and the CUDA kernel (compiled with fused multiply-adds)
     does not, ``fma(w_j, h_j, area_i)`` (``fused``; emulated in float64, where ``w_j * h_j`` is
-    exact). Measured on 20000 box pairs at IoU 0.7 +- a few ulps: each formula agrees with its
-    own kernel on every pair, and on 4% fewer with the other (``tests/test_group_nms.py``,
-    ``tests/test_cuda.py``)."""
+    exact). Found by measurement: on box pairs at the threshold +- a few float steps, each
+    formula decides every pair as its device's kernel, and the other formula decides some of
+    them otherwise (``tests/test_group_nms.py`` on a CPU, ``tests/test_cuda.py`` on CUDA)."""
     x1, y1, x2, y2 = boxes.float().unbind(-1)
     w_box, h_box = x2 - x1, y2 - y1
     area = w_box * h_box
@@ -78,10 +80,10 @@ _TRITON_OVERLAPS: list = []  # [kernel] once built, [None] where Triton is unava
 def _triton_overlaps():
     """A Triton kernel writing ``S`` in one pass (on CUDA), or ``None`` without Triton.
 
-    The eager formula above makes a dozen passes over ``[G, n, n]`` float32 temporaries, ~6 ms
-    for training's 40 groups of 2000 proposals on an H100-class GPU. The kernel computes each
-    pair with the same float32 operations: no FMA contraction (``enable_fp_fusion=False`` at
-    launch) and a correctly rounded division (``div_rn``)."""
+    The eager formula makes a dozen passes over ``[G, n, n]`` float32 temporaries; the kernel
+    reads the boxes and writes ``S`` once. It computes each pair with the same float32
+    operations: no FMA contraction but the one asked for (``enable_fp_fusion=False`` at launch,
+    ``tl.fma`` where ``FUSED``) and a correctly rounded division (``div_rn``)."""
     if not _TRITON_OVERLAPS:
         try:
             import triton

@@ -280,15 +280,15 @@ def _proposals_grouped(
             out[:, lvl, :part.shape[1]] = part
         return out.flatten(0, 1)
 
-    order, keep = grouped_nms(by_level(boxes, 0.0), by_level(ranking, 0.0), by_level(valid, False), nms_thresh)
+    boxes, ranking, logits = by_level(boxes, 0.0), by_level(ranking, 0.0), by_level(logits, 0.0)
+    order, keep = grouped_nms(boxes, ranking, by_level(valid, False), nms_thresh)
     # back to padded positions per image, then the image's top post_nms_top_n over its levels
     slot = (order + torch.arange(n_lvl, device=order.device).repeat(n_img)[:, None] * width).view(n_img, -1)
-    kept_rank = torch.take_along_dim(by_level(ranking, 0.0), order, dim=1).masked_fill(~keep, float("-inf"))
+    kept_rank = torch.take_along_dim(ranking, order, dim=1).masked_fill(~keep, float("-inf"))
     best = kept_rank.view(n_img, -1).argsort(dim=1, descending=True, stable=True)[:, :post_nms_top_n]
     slot = torch.take_along_dim(slot, best, dim=1)
     counts = keep.view(n_img, -1).sum(dim=1).clamp(max=post_nms_top_n).tolist()  # the one wait for counts
-    flat_boxes = by_level(boxes, 0.0).view(n_img, -1, 4)
-    flat_logits = by_level(logits, 0.0).view(n_img, -1)
+    flat_boxes, flat_logits = boxes.view(n_img, -1, 4), logits.view(n_img, -1)
     out = []
     for i, count in enumerate(counts):
         s = slot[i, :count]
