@@ -118,8 +118,9 @@ def render_bench_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> 
         out += ["", "Same detections, and memory:", ""]
         for name, r in rec["configs"].items():
             opt, plain, mem = r["same_outputs"], r["same_outputs_plain"], r.get("peak_memory", {})
-            line = (f"- {name}: float32 plain path vs torchvision, largest box difference "
-                    f"{plain['max_box_difference_px']:.2g} px; the timed path ({', '.join(r['fpnlib_inference_path'])}) "
+            line = (f"- {name}: the float32 plain path finds "
+                    f"{100 * plain['torchvision_detections_found_iou_0.9']:.1f}% of torchvision's detections, largest "
+                    f"box difference {plain['max_box_difference_px']:.2g} px (position by position); the timed path ({', '.join(r['fpnlib_inference_path'])}) "
                     f"finds {100 * opt['torchvision_detections_found_iou_0.9']:.1f}% of torchvision's detections "
                     f"(same label, IoU >= 0.9); inference is {r['infer']['fpnlib_detector_over_backbone_fpn']:.1f}x "
                     f"backbone + FPN alone")
