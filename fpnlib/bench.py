@@ -407,7 +407,6 @@ def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", 
     ours, theirs = ours.to(device), theirs.to(device)
     images, targets = synthetic_batch(cfg, device=device)
     from fpnlib.modeling.fast_inference import for_cuda_training, optimized_for_inference
-
     from fpnlib.modeling.group_nms import path_note
 
     fast = optimized_for_inference(ours)

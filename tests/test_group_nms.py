@@ -114,14 +114,12 @@ def test_greedy_keep_resolves_a_chain_box_by_box():
 
 
 def _pyramid_outputs(n: int, image_hw: tuple[int, int], seed: int):
-    strides = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
-    gen = AnchorGenerator({k: (8.0 * s,) for k, s in strides.items()})
-    h, w = image_hw
-    maps = {k: torch.zeros(n, 1, -(-h // s), -(-w // s)) for k, s in strides.items()}
-    g = torch.Generator().manual_seed(seed)
-    logits = {k: torch.randn(n, 3, *m.shape[-2:], generator=g) for k, m in maps.items()}
-    deltas = {k: 0.3 * torch.randn(n, 12, *m.shape[-2:], generator=g) for k, m in maps.items()}
-    return logits, deltas, gen(maps)
+    """Random RPN outputs on all five levels of ``n`` padded ``image_hw`` images, and anchors."""
+    from test_rpn import LEVELS, STRIDES, _maps, _random_head_outputs
+
+    maps = _maps(LEVELS, image_hw, n)
+    logits, deltas = _random_head_outputs(maps, 3, seed, delta_scale=0.3)
+    return logits, deltas, AnchorGenerator({k: (8.0 * STRIDES[k],) for k in LEVELS})(maps)
 
 
 @pytest.mark.parametrize("rank_by_probability", [False, True])

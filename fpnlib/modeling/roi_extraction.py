@@ -60,11 +60,11 @@ def pyramid_roi_features(
     out = first.new_zeros((rois.shape[0], first.shape[1], output_size, output_size))
     # the RoIs of each level in their order: one sort and one read of the counts (on CUDA, one
     # wait for the GPU instead of one per level)
+    k_min = min(ks)
     by_level = torch.argsort(target, stable=True)
-    counts = torch.bincount(target - min(ks), minlength=max(ks) - min(ks) + 1).tolist()
-    starts = [0, *accumulate(counts)]
+    starts = [0, *accumulate(torch.bincount(target - k_min, minlength=max(ks) - k_min + 1).tolist())]
     for name, k in zip(levels, ks):
-        idx = by_level[starts[k - min(ks)]:starts[k - min(ks) + 1]]
+        idx = by_level[starts[k - k_min]:starts[k - k_min + 1]]
         if idx.numel() == 0:
             continue
         scale = 1.0 / strides[name]
