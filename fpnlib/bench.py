@@ -19,7 +19,8 @@ fpnlib is faster). fpnlib runs inference the way it runs a trained detector:
 ``fast_inference.optimized_for_inference`` (frozen BN folded into the convolutions, channels_last;
 ``tests/test_fast_inference.py`` shows it gives the plain path's detections) and, on CUDA, bf16
 autocast; training runs the model the way ``fpnlib.engine.train`` trains it (on CUDA: bf16
-autocast, channels_last, cuDNN autotuning). On both, per-image and per-level pieces run at once
+autocast, channels_last, cuDNN autotuning; on a CPU, the RPN head's backward at the sampled anchors
+only, ``rpn_head_grad``). On both, per-image and per-level pieces run at once
 (``fpnlib.modeling.parallel_pieces``, bit-identical). torchvision runs as it comes (float32; on
 CUDA it shares the process-wide cuDNN autotuning and TF32 convolutions). Beside the ratios: the
 inference step over fpnlib's backbone + FPN alone, and (``paper_runtime``) the paper's
@@ -407,6 +408,7 @@ def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", 
     ours, theirs = ours.to(device), theirs.to(device)
     images, targets = synthetic_batch(cfg, device=device)
     from fpnlib.modeling.fast_inference import for_cuda_training, optimized_for_inference
+    from fpnlib.modeling import rpn_head_grad
     from fpnlib.modeling.group_nms import path_note
 
     fast = optimized_for_inference(ours)
@@ -414,7 +416,8 @@ def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", 
     record = {"config": asdict(cfg), "device": device, "reps": reps, "warmup": warmup,
               "fpnlib_inference_path": list(fast.optimizations) + (["bf16 autocast"] if cuda else []) + [path_note(device)],
               "fpnlib_training_path": (["bf16 autocast", "channels_last", "cudnn.benchmark"] if cuda
-                                       else ["float32, NCHW; RoIAlign and NMS per image on the CPU's threads (parallel_pieces)"])
+                                       else ["float32, NCHW; RoIAlign and NMS per image on the CPU's threads (parallel_pieces)",
+                                             rpn_head_grad.path_note()])
               + [path_note(device)],
               "same_outputs": same_outputs(fast, theirs, cfg, images),
               "same_outputs_plain": same_outputs(ours, theirs, cfg, images, amp=False)}

@@ -27,6 +27,7 @@ from .anchor_labels import label_anchors, label_counts, sample_anchors
 from .box_coder import clip_boxes, decode, encode, usable_boxes
 from .group_nms import grouped_nms, use_group_nms
 from .parallel_pieces import map_pieces
+from .rpn_head_grad import head_with_sampled_backward, sparse_backward_applies
 
 
 @dataclass
@@ -70,6 +71,8 @@ class _HeadBranch(nn.Module):
             nn.init.constant_(layer.bias, 0.0)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if sparse_backward_applies(x):  # same outputs; backward at the sampled anchors only
+            return head_with_sampled_backward(x, self.conv, self.objectness, self.deltas)
         x = F.relu(self.conv(x))
         return self.objectness(x), self.deltas(x)
 
