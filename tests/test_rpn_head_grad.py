@@ -27,22 +27,27 @@ def _branch_grads(monkeypatch, sparse: bool, anchors: int, loss: str, x_grad: bo
     if loss == "sampled":  # as rpn_losses: a few anchors per image, the corners' among them
         idx = torch.cat([torch.tensor([0, flat_logits.shape[1] - 1]), torch.randperm(flat_logits.shape[1])[:18]])
         value = (flat_logits[:, idx] ** 2).sum() + flat_deltas[:, idx[:6]].pow(3).sum()
-    else:  # every position: the dense fallback
+    elif loss == "dense":  # every position: the dense fallback
         value = (logits ** 2).sum() + deltas.sum()
+    else:  # no position (a level without sampled anchors): zero gradients
+        value = 0 * (logits.sum() + deltas.sum())
     value.backward()
     grads = [p.grad for p in branch.parameters()] + ([x.grad] if x_grad else [])
     return logits.detach(), deltas.detach(), grads
 
 
 @pytest.mark.parametrize("anchors", [3, 15])  # FPN's 3 per level; the single-scale baselines' 15
-@pytest.mark.parametrize("loss", ["sampled", "dense"])
+@pytest.mark.parametrize("loss", ["sampled", "dense", "none"])
 def test_same_outputs_and_gradients_as_the_dense_backward(monkeypatch, anchors, loss):
     dense = _branch_grads(monkeypatch, False, anchors, loss)
     sparse = _branch_grads(monkeypatch, True, anchors, loss)
     assert torch.equal(dense[0], sparse[0]) and torch.equal(dense[1], sparse[1])
-    assert len(dense[2]) == 7
+    assert len(dense[2]) == len(sparse[2]) == 7
     for a, b in zip(dense[2], sparse[2]):
-        assert a.abs().max() > 0 and _close(a, b)
+        if loss == "none":
+            assert torch.equal(a, torch.zeros_like(a)) and torch.equal(b, a)
+        else:
+            assert a.abs().max() > 0 and _close(a, b)
 
 
 def test_a_map_without_gradient_gets_none(monkeypatch):
@@ -66,7 +71,7 @@ def test_applies_on_cpu_float32_training_only(monkeypatch):
 
 def test_rejects_a_head_it_was_not_written_for():
     conv = torch.nn.Conv2d(4, 4, 3, padding=2, dilation=2)
-    with pytest.raises(ValueError, match="3x3 conv with stride 1 and padding 1"):
+    with pytest.raises(ValueError, match="3x3 conv with stride 1 and padding 1, and biases"):
         rpn_head_grad.head_with_sampled_backward(torch.zeros(1, 4, 5, 5), conv, torch.nn.Conv2d(4, 3, 1),
                                                  torch.nn.Conv2d(4, 12, 1))
 

@@ -81,9 +81,9 @@ class _HeadSampledBackward(torch.autograd.Function):
         where = torch.nonzero((go != 0).any(1) | (gd != 0).any(1)).squeeze(1)
         if where.numel() > DENSE_FRACTION * go.shape[0]:
             return _dense_grads(ctx, g_logits, g_deltas)
-        if where.numel() == 0:  # no sampled anchor on this level: zero gradients (as dense: weight decay still applies)
-            return (None,) + tuple(torch.zeros_like(t) if need else None
-                                   for t, need in zip((w3, b3, wo, bo, wd, bd), ctx.needs_input_grad[1:]))
+        if where.numel() == 0:  # no sampled anchor on this level: zeros, as the dense backward gives
+            return tuple(torch.zeros_like(t) if need else None
+                         for t, need in zip((x, w3, b3, wo, bo, wd, bd), ctx.needs_input_grad))
         go, gd = go[where], gd[where]
         image, y, x_ = where // (h * w), where // w % h, where % w
         t = hidden.permute(0, 2, 3, 1)[image, y, x_]  # [S, hidden]: the forward's activations
@@ -111,7 +111,7 @@ def head_with_sampled_backward(x: Tensor, conv: torch.nn.Conv2d, objectness: tor
     """``objectness(relu(conv(x))), deltas(relu(conv(x)))``, bit for bit as the modules give
     them, with the backward of this module's docstring. ``conv``: 3x3, stride 1, padding 1."""
     if conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.padding != (1, 1) or conv.groups != 1 \
-            or conv.dilation != (1, 1):
-        raise ValueError(f"the sampled backward needs a 3x3 conv with stride 1 and padding 1, got {conv}")
+            or conv.dilation != (1, 1) or any(m.bias is None for m in (conv, objectness, deltas)):
+        raise ValueError(f"the sampled backward needs a 3x3 conv with stride 1 and padding 1, and biases; got {conv}")
     return _HeadSampledBackward.apply(x, conv.weight, conv.bias, objectness.weight, objectness.bias,
                                       deltas.weight, deltas.bias)
