@@ -35,17 +35,27 @@ from torch import Tensor
 DENSE_FRACTION = 0.25
 
 
+def _switched_on() -> bool:
+    return os.environ.get("FPNLIB_SPARSE_RPN_GRAD", "1") != "0"
+
+
 def sparse_backward_applies(x: Tensor) -> bool:
     """Whether the head's backward on ``x`` should run at the sampled positions only."""
     return (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and os.environ.get("FPNLIB_SPARSE_RPN_GRAD", "1") != "0")
+            and not torch.is_autocast_enabled("cpu") and _switched_on())
 
 
 def path_note() -> str:
     """The RPN head's backward on a CPU, for benchmark records."""
-    if os.environ.get("FPNLIB_SPARSE_RPN_GRAD", "1") != "0":
+    if _switched_on():
         return "RPN head backward at the sampled anchors only (rpn_head_grad)"
     return "RPN head backward dense (FPNLIB_SPARSE_RPN_GRAD=0)"
+
+
+def _head(x, w3, b3, wo, bo, wd, bd) -> tuple[Tensor, Tensor, Tensor]:
+    """The head's hidden activations, logits and deltas (``rpn._HeadBranch.forward``'s ops)."""
+    hidden = F.relu(F.conv2d(x, w3, b3, padding=1))
+    return hidden, F.conv2d(hidden, wo, bo), F.conv2d(hidden, wd, bd)
 
 
 def _dense_grads(ctx, g_logits: Tensor, g_deltas: Tensor):
@@ -53,8 +63,7 @@ def _dense_grads(ctx, g_logits: Tensor, g_deltas: Tensor):
     x, hidden, w3, b3, wo, bo, wd, bd = ctx.saved_tensors
     inputs = [t.detach().requires_grad_(need) for t, need in zip((x, w3, b3, wo, bo, wd, bd), ctx.needs_input_grad)]
     with torch.enable_grad():
-        h = F.relu(F.conv2d(inputs[0], inputs[1], inputs[2], padding=1))
-        outs = (F.conv2d(h, inputs[3], inputs[4]), F.conv2d(h, inputs[5], inputs[6]))
+        _, *outs = _head(*inputs)
         wanted = [t for t in inputs if t.requires_grad]
         grads = iter(torch.autograd.grad(outs, wanted, (g_logits, g_deltas), allow_unused=True))
     return tuple(next(grads) if t.requires_grad else None for t in inputs)
@@ -66,9 +75,9 @@ class _HeadSampledBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w3, b3, wo, bo, wd, bd):
-        hidden = F.relu(F.conv2d(x, w3, b3, padding=1))
+        hidden, logits, deltas = _head(x, w3, b3, wo, bo, wd, bd)
         ctx.save_for_backward(x, hidden, w3, b3, wo, bo, wd, bd)
-        return F.conv2d(hidden, wo, bo), F.conv2d(hidden, wd, bd)
+        return logits, deltas
 
     @staticmethod
     def backward(ctx, g_logits, g_deltas):
