@@ -24,7 +24,9 @@ only, ``rpn_head_grad``). On both, per-image and per-level pieces run at once
 (``fpnlib.modeling.parallel_pieces``, bit-identical). torchvision runs as it comes (float32; on
 CUDA it shares the process-wide cuDNN autotuning and TF32 convolutions). Beside the ratios: the
 inference step over fpnlib's backbone + FPN alone, and (``paper_runtime``) the paper's
-per-image runtime comparison of FPN against the single-scale baseline. Peak memory is measured
+per-image runtime comparison of FPN against the single-scale baseline. Each mode also
+records one step's host work (``fpnlib.host_work``: operators dispatched and waits for the
+device, fpnlib's counted on its CUDA path), exact counts where times are noisy. Peak memory is measured
 in a fresh process per (library, mode) on a CPU
 (the largest resident set during the steps, over the resident set before them) and by
 ``torch.cuda.max_memory_allocated`` on CUDA. Numbers are measured, never asserted: the machine
@@ -218,7 +220,7 @@ _STAGE_MODULES = (("backbone", "backbone"), ("fpn", "neck"), ("rpn head", "share
 _STAGE_FUNCTIONS = (
     ("anchor labeling + sampling + RPN loss", "fpnlib.modeling.rpn", "rpn_losses"),
     ("proposal selection (top-k, NMS)", "fpnlib.modeling.rpn", "select_proposals"),
-    ("RoI sampling", "fpnlib.modeling.fast_rcnn", "sample_rois"),
+    ("RoI sampling", "fpnlib.modeling.fast_rcnn", "sample_rois_batch"),
     ("RoI extraction (Eq. 1)", "fpnlib.modeling.fast_rcnn", "pyramid_roi_features"),
     ("head loss", "fpnlib.modeling.faster_rcnn", "fast_rcnn_losses"),
     ("post-processing", "fpnlib.modeling.faster_rcnn", "detections_from_head"),
@@ -409,6 +411,7 @@ def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", 
     images, targets = synthetic_batch(cfg, device=device)
     from fpnlib.modeling.fast_inference import for_cuda_training, optimized_for_inference
     from fpnlib.modeling import rpn_head_grad
+    from fpnlib.host_work import count_host_work
     from fpnlib.modeling.group_nms import path_note
 
     fast = optimized_for_inference(ours)
@@ -434,6 +437,9 @@ def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", 
             "images_per_s": {lib: round(cfg.batch / v, 3) for lib, v in med.items()},
             "speedup_fpnlib_over_torchvision": round(med["torchvision"] / med["fpnlib"], 3),
         }
+        # operators and waits for the device of one step; fpnlib's counted on its CUDA path
+        record[mode]["host_work"] = {lib: count_host_work(steps[lib][mode], device, cuda_path=lib == "fpnlib")
+                                     for lib in ("fpnlib", "torchvision")}
         model = fast if mode == "infer" else ours
         record[mode]["fpnlib_stages"] = stage_breakdown(model, steps["fpnlib"][mode], max(3, reps // 2), device)
         if mode == "infer":

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from fpnlib.modeling.anchor_labels import label_anchors, sample_anchors
+from fpnlib.modeling.anchor_labels import label_anchors, label_anchors_batch, sample_anchors
 from fpnlib.modeling.anchors import (
     ASPECT_RATIOS,
     LEVEL_STRIDES,
@@ -325,6 +325,28 @@ def test_labels_on_real_anchors_are_consistent():
     iou = torchvision.ops.box_iou(gt, anchors).max(dim=0).values
     assert (iou[labels == 0] < 0.3).all()
     assert (iou[labels == -1] >= 0.3).all()
+
+
+@pytest.mark.parametrize("cross_boundary", [False, True])
+def test_a_batch_is_labelled_as_each_image_alone(cross_boundary):
+    # Images with 3, 0 and 2 objects (two of them the same box: a tie for the best gt), one with a
+    # crowd region: padding the gt boxes to a batch changes no label and no matched index.
+    gen = AnchorGenerator(anchor_sizes_for("fpn", scale=0.25))
+    shapes = {"p2": (32, 40), "p3": (16, 20), "p4": (8, 10), "p5": (4, 5), "p6": (2, 3)}
+    anchors = torch.cat(list(gen({k: torch.empty(1, 0, *v) for k, v in shapes.items()}).values()))
+    gts = [torch.tensor([[3.0, 5.0, 20.0, 11.0], [40.0, 30.0, 140.0, 120.0], [100.0, 2.0, 108.0, 40.0]]),
+           torch.zeros(0, 4), torch.tensor([[10.0, 10.0, 60.0, 50.0], [10.0, 10.0, 60.0, 50.0]])]
+    hws = [(128, 160), (100, 160), (128, 120)]
+    crowds = [None, torch.tensor([[0.0, 0.0, 64.0, 64.0]]), None]
+    labels, matched = label_anchors_batch(anchors, gts, image_hws=hws, ignore_cross_boundary=cross_boundary,
+                                          ignore_boxes=crowds)
+    assert labels.shape == matched.shape == (3, anchors.shape[0])
+    for i, (gt, hw, crowd) in enumerate(zip(gts, hws, crowds)):
+        alone = label_anchors(anchors, gt, image_hw=hw, ignore_cross_boundary=cross_boundary, ignore_boxes=crowd)
+        assert torch.equal(labels[i], alone[0]) and torch.equal(matched[i], alone[1])
+    assert (labels[0] == 1).any() and (labels[1] == -1).any() and (labels[2] == 1).any()
+    # the tie: both copies of the box have the same anchors, which match the first copy
+    assert matched[2][labels[2] == 1].eq(0).all()
 
 
 # ---------------------------------------------------------------- sampling (Sec. 5.1)

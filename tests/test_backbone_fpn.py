@@ -6,11 +6,13 @@ import pytest
 import torch
 import torchvision
 from torch import nn
-from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozenBN
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from fpnlib.modeling.backbone import ResNetBackbone, load_torchvision_resnet
 from fpnlib.modeling.fpn import FPN, p6_from_p5, top_down_merge
+from fpnlib.modeling.frozen_bn import FrozenBatchNorm2d
 
 STRIDES = {"c2": 4, "c3": 8, "c4": 16, "c5": 32}
 ODD = (67, 93)
@@ -282,3 +284,56 @@ def test_top_down_merge_odd_sizes_nearest():
     assert torch.equal(out[0, 0], expected + 1)
     # an exact x2 case replicates every coarse pixel into a 2x2 block
     assert torch.equal(top_down_merge(coarser, torch.zeros(1, 1, 6, 10))[0, 0, ::2, ::2], coarser[0, 0])
+
+
+def _frozen_pair(channels: int = 8, seed: int = 0):
+    """fpnlib's frozen BN and torchvision's, with the same random statistics."""
+    ours, theirs = FrozenBatchNorm2d(channels), TorchvisionFrozenBN(channels)
+    g = torch.Generator().manual_seed(seed)
+    values = {n: torch.randn(channels, generator=g) for n in ("weight", "bias", "running_mean")}
+    values["running_var"] = torch.rand(channels, generator=g) + 0.1
+    for m in (ours, theirs):
+        for n, v in values.items():
+            getattr(m, n).copy_(v)
+    return ours, theirs
+
+
+def test_frozen_bn_keeps_torchvisions_outputs_and_gradients_bit_for_bit():
+    ours, theirs = _frozen_pair()
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    for _ in range(2):  # the second forward reads the kept scale and shift
+        y_ours, y_theirs = ours(x), theirs(x)
+        assert torch.equal(y_ours, y_theirs)
+        g = torch.randn_like(y_ours)
+        assert torch.equal(torch.autograd.grad(y_ours, x, g)[0], torch.autograd.grad(y_theirs, x, g)[0])
+    assert ours._affine_key is not None  # it was kept
+
+
+def test_frozen_bn_follows_every_change_of_its_buffers():
+    ours, theirs = _frozen_pair()
+    x = torch.randn(2, 8, 5, 5)
+    ours(x)
+    # an in-place edit, a state dict, another eps, another dtype: each seen at the next forward
+    with torch.no_grad():
+        ours.running_mean.add_(1.0)
+        theirs.running_mean.add_(1.0)
+    assert torch.equal(ours(x), theirs(x))
+    other, _ = _frozen_pair(seed=1)
+    ours.load_state_dict(other.state_dict())
+    theirs.load_state_dict(other.state_dict())
+    assert torch.equal(ours(x), theirs(x))
+    ours.eps = theirs.eps = 1e-3
+    assert torch.equal(ours(x), theirs(x))
+    ours.double(), theirs.double()
+    assert torch.equal(ours(x.double()), theirs(x.double()))
+
+
+def test_frozen_bn_under_inference_mode_leaves_training_working():
+    ours, theirs = _frozen_pair()
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    with torch.inference_mode():
+        assert torch.equal(ours(x.detach()), theirs(x.detach()))
+    y = ours(x)  # nothing kept from inference mode: a training forward saves for backward
+    y.sum().backward()
+    assert torch.equal(x.grad, theirs.weight.reshape(1, -1, 1, 1).expand_as(x)
+                       * (theirs.running_var + theirs.eps).rsqrt().reshape(1, -1, 1, 1))

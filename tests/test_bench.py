@@ -57,6 +57,8 @@ def test_bench_writes_a_complete_record(tmp_path):
         assert {"backbone", "fpn", "rpn head", "proposal selection (top-k, NMS)", "RoI extraction (Eq. 1)",
                 "box head"} <= set(stages)
         assert all(v >= 0 for v in stages.values())
+        work = r[mode]["host_work"]
+        assert set(work) == {"fpnlib", "torchvision"} and all(w["ops"] > 0 and w["waits"] >= 0 for w in work.values())
     assert "anchor labeling + sampling + RPN loss" in r["train"]["fpnlib_stages"]["seconds"]
     # fpnlib's inference step runs the optimized path; it must still compute torchvision's detections
     assert "channels_last" in r["fpnlib_inference_path"]

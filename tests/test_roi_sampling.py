@@ -5,7 +5,7 @@ import torch
 from torchvision.ops import box_iou
 
 from fpnlib.modeling.box_coder import decode
-from fpnlib.modeling.roi_sampling import FAST_RCNN_BOX_WEIGHTS, sample_rois
+from fpnlib.modeling.roi_sampling import FAST_RCNN_BOX_WEIGHTS, sample_rois, sample_rois_batch
 
 
 def _jittered(gt: torch.Tensor, n: int, scale: float, seed: int) -> torch.Tensor:
@@ -119,3 +119,24 @@ def test_proposals_are_detached():
     proposals = _background(20, 9).requires_grad_()
     out = sample_rois(proposals, GT, GT_LABELS)
     assert not out.rois.requires_grad and not out.regression_targets.requires_grad
+
+
+def test_a_batch_draws_what_each_image_alone_draws():
+    # Different proposal and gt counts, an image without objects, a crowd region: the batch pads
+    # them, and its RoIs, labels, targets and matched indices are each image's own, draws included
+    # (the generator is read in image order and ends in the same state).
+    proposals = [torch.cat([_jittered(GT, 100, 0.3, 1), _background(300, 2)]), _background(50, 3),
+                 torch.cat([_jittered(GT[:1], 200, 0.2, 4), _background(700, 5)])]
+    gts = [GT, torch.zeros(0, 4), GT[:1]]
+    labels = [GT_LABELS, torch.zeros(0, dtype=torch.int64), GT_LABELS[:1]]
+    crowds = [None, None, torch.tensor([[600.0, 600.0, 750.0, 750.0]])]
+    g_batch, g_alone = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    batch = sample_rois_batch(proposals, gts, labels, batch_size_per_image=256, generator=g_batch,
+                              ignore_boxes=crowds)
+    for out, p, gt, lab, crowd in zip(batch, proposals, gts, labels, crowds):
+        alone = sample_rois(p, gt, lab, batch_size_per_image=256, generator=g_alone, ignore_boxes=crowd)
+        for a, b in zip(out, alone):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    assert torch.equal(g_batch.get_state(), g_alone.get_state())
+    assert [int((o.labels > 0).sum()) for o in batch] == [64, 0, 64]  # 25% of 256 where objects are
+    assert sample_rois_batch([], [], []) == []

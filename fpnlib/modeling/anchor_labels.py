@@ -12,8 +12,11 @@ Label values: ``1`` positive, ``0`` negative, ``-1`` ignored.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import box_area, box_iou
 
 POSITIVE, NEGATIVE, IGNORE = 1, 0, -1
@@ -31,13 +34,14 @@ def best_anchors_per_gt(iou: Tensor, candidates: Tensor | None = None) -> Tensor
 
     This keeps a positive for a gt that no anchor covers at IoU > 0.7 (small or oddly shaped
     objects). ``candidates`` (bool ``[A]``) restricts the search, e.g. to anchors inside
-    the image when cross-boundary anchors are ignored, as Faster R-CNN does.
+    the image when cross-boundary anchors are ignored, as Faster R-CNN does. A leading batch
+    dimension is allowed (``iou`` ``[B, G, A]``, ``candidates`` ``[B, A]``, result ``[B, A]``).
     """
     if candidates is not None:
-        iou = iou.masked_fill(~candidates[None, :], -1.0)
-    gt_max = iou.max(dim=1, keepdim=True).values  # [G, 1]
+        iou = iou.masked_fill(~candidates[..., None, :], -1.0)
+    gt_max = iou.max(dim=-1, keepdim=True).values  # [..., G, 1]
     # Exact equality is safe: gt_max is read from this same tensor.
-    return ((iou == gt_max) & (gt_max > 0)).any(dim=0)
+    return ((iou == gt_max) & (gt_max > 0)).any(dim=-2)
 
 
 def inside_ignore_boxes(anchors: Tensor, ignore_boxes: Tensor, threshold: float = 0.5) -> Tensor:
@@ -50,6 +54,36 @@ def inside_ignore_boxes(anchors: Tensor, ignore_boxes: Tensor, threshold: float 
     inter = (rb - lt).clamp(min=0).prod(dim=-1)  # [A, C]
     ioa = inter / box_area(anchors)[:, None]
     return (ioa > threshold).any(dim=1)
+
+
+def labels_from_iou(
+    iou: Tensor,
+    pos_iou: float = 0.7,
+    neg_iou: float = 0.3,
+    outside: Tensor | None = None,
+    crowd: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Faster R-CNN's labelling rule (Sec. 4.1) on the IoUs ``[G, A]`` of the gt boxes (rows) with
+    the anchors (columns), or ``[B, G, A]`` for a batch (rows of padding, and the one row of an
+    image without objects, hold -1: they never win).
+
+    Returns ``labels`` ``[A]`` in {1, 0, -1} and ``matched_idx`` ``[A]``, each anchor's highest-IoU
+    gt (the first on ties; 0 without gt). Positive: IoU > ``pos_iou`` with some gt, or among the
+    best anchors of some gt; negative: IoU < ``neg_iou`` with every gt and not positive; the rest
+    ignored. ``outside`` (bool ``[A]``): cross-boundary anchors, ignored and never a gt's best;
+    ``crowd`` (bool ``[A]``): anchors inside crowd regions, ignored unless positive.
+    """
+    max_iou, matched_idx = iou.max(dim=-2)
+    labels = torch.where(max_iou < neg_iou, NEGATIVE, IGNORE)
+    # Positives last so that they override negatives (the best anchor of a gt may
+    # have IoU < neg_iou).
+    positive = (max_iou > pos_iou) | best_anchors_per_gt(iou, None if outside is None else ~outside)
+    labels = torch.where(positive, POSITIVE, labels)
+    if crowd is not None:
+        labels = torch.where(crowd & (labels != POSITIVE), IGNORE, labels)
+    if outside is not None:
+        labels = torch.where(outside, IGNORE, labels)
+    return labels, matched_idx
 
 
 def label_anchors(
@@ -73,6 +107,8 @@ def label_anchors(
       objects has only negatives;
     * ignored: everything else.
 
+    The rule itself is :func:`labels_from_iou`.
+
     Cross-boundary anchors are kept by default: "For all RPN experiments (including
     baselines), we include the anchor boxes that are outside the image for training, which
     is unlike [Faster R-CNN] where these anchor boxes are ignored" (Sec. 5.1).
@@ -86,35 +122,52 @@ def label_anchors(
     Note the thresholds are strict, as in the paper's text ("over 0.7", "lower than 0.3");
     py-faster-rcnn uses ``>= 0.7``, which differs only at exact equality.
     """
-    num_anchors = anchors.shape[0]
-    device = anchors.device
-    labels = torch.full((num_anchors,), IGNORE, dtype=torch.int64, device=device)
-    matched_idx = torch.zeros(num_anchors, dtype=torch.int64, device=device)
+    labels, matched_idx = label_anchors_batch(anchors, [gt_boxes], pos_iou, neg_iou, [image_hw],
+                                              ignore_cross_boundary, [ignore_boxes], ignore_ioa)
+    return labels[0], matched_idx[0]
 
-    outside = None
+
+def padded(rows: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """``[B, M, ...]``: the rows padded with zeros to the longest, and ``[B, M]`` bool: which entries are real."""
+    if len({r.shape[0] for r in rows}) == 1:  # nothing to pad: two operators, not two per row
+        stacked = torch.stack(list(rows))
+        return stacked, torch.ones(stacked.shape[:2], dtype=torch.bool, device=stacked.device)
+    real = [r.new_ones(r.shape[0], dtype=torch.bool) for r in rows]
+    return pad_sequence(list(rows), batch_first=True), pad_sequence(real, batch_first=True)
+
+
+def label_anchors_batch(
+    anchors: Tensor,
+    gt_boxes: Sequence[Tensor],
+    pos_iou: float = 0.7,
+    neg_iou: float = 0.3,
+    image_hws: Sequence[tuple[int, int] | None] | None = None,
+    ignore_cross_boundary: bool = False,
+    ignore_boxes: Sequence[Tensor | None] | None = None,
+    ignore_ioa: float = 0.5,
+) -> tuple[Tensor, Tensor]:
+    """:func:`label_anchors` of every image of a batch at once: ``[B, A]`` labels and matched
+    indices, the same as image by image (the gt boxes padded, their padding never wins). One
+    IoU for the batch instead of one per image: on CUDA, each small operator costs host time."""
+    num_images, num_anchors = len(gt_boxes), anchors.shape[0]
+    if num_anchors == 0:
+        empty = torch.zeros((num_images, 0), dtype=torch.int64, device=anchors.device)
+        return empty, empty.clone()
+    gt, real = padded([g.to(anchors.dtype) for g in gt_boxes])
+    if gt.shape[1] == 0:  # no image has an object: one row of padding
+        gt, real = anchors.new_zeros((num_images, 1, 4)), real.new_zeros((num_images, 1))
+    iou = box_iou(gt, anchors).masked_fill(~real[:, :, None], -1.0)  # [B, G, A]
+    outside = crowd = None
     if ignore_cross_boundary:
-        if image_hw is None:
+        if image_hws is None or any(hw is None for hw in image_hws):
             raise ValueError("ignore_cross_boundary=True needs image_hw")
-        outside = cross_boundary(anchors, image_hw)
-
-    if gt_boxes.numel() == 0 or num_anchors == 0:
-        labels.fill_(NEGATIVE)
-    else:
-        iou = box_iou(gt_boxes.to(anchors.dtype), anchors)  # [G, A]
-        max_iou, matched_idx = iou.max(dim=0)
-        # torch.where, not labels[mask] = v: a mask index waits for the GPU, where does not
-        labels = torch.where(max_iou < neg_iou, NEGATIVE, labels)
-        # Positives last so that they override negatives (the best anchor of a gt may
-        # have IoU < neg_iou).
-        positive = (max_iou > pos_iou) | best_anchors_per_gt(iou, None if outside is None else ~outside)
-        labels = torch.where(positive, POSITIVE, labels)
-
-    if ignore_boxes is not None and ignore_boxes.numel() > 0 and num_anchors > 0:
-        crowd = inside_ignore_boxes(anchors, ignore_boxes.to(anchors.dtype), ignore_ioa)
-        labels = torch.where(crowd & (labels != POSITIVE), IGNORE, labels)
-    if outside is not None:
-        labels = torch.where(outside, IGNORE, labels)
-    return labels, matched_idx
+        outside = torch.stack([cross_boundary(anchors, hw) for hw in image_hws])
+    ignores = [None] * num_images if ignore_boxes is None else ignore_boxes
+    if any(b is not None and b.numel() > 0 for b in ignores):
+        crowd = torch.stack([inside_ignore_boxes(anchors, b.to(anchors.dtype), ignore_ioa)
+                             if b is not None and b.numel() > 0 else anchors.new_zeros(num_anchors, dtype=torch.bool)
+                             for b in ignores])
+    return labels_from_iou(iou, pos_iou, neg_iou, outside, crowd)
 
 
 def sample_anchors(
@@ -135,7 +188,7 @@ def sample_anchors(
     read them (:func:`label_counts`, for a whole batch at once: on CUDA each read waits).
     """
     if counts is None:
-        counts = label_counts([labels])[0]
+        counts = label_counts(labels[None])[0]
     n_pos, n_neg = counts
     # nonzero_static: indices of a size known here, so no second wait on the GPU
     positive = torch.nonzero_static(labels == POSITIVE, size=n_pos).flatten()
@@ -145,11 +198,9 @@ def sample_anchors(
     return _random_subset(positive, num_pos, generator), _random_subset(negative, num_neg, generator)
 
 
-def label_counts(labels: list[Tensor]) -> list[tuple[int, int]]:
-    """(positives, negatives) of each label vector, read in one wait."""
-    if not labels:
-        return []
-    both = torch.stack([torch.stack([(lab == POSITIVE).sum(), (lab == NEGATIVE).sum()]) for lab in labels])
+def label_counts(labels: Tensor) -> list[tuple[int, int]]:
+    """(positives, negatives) of each row of ``labels`` ``[B, A]``, read in one wait."""
+    both = torch.stack([(labels == POSITIVE).sum(-1), (labels == NEGATIVE).sum(-1)], dim=-1)
     return [(int(p), int(n)) for p, n in both.tolist()]
 
 

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
-from torchvision.ops import FrozenBatchNorm2d
+
+from .frozen_bn import FrozenBatchNorm2d
 
 # depth -> (residual block, blocks per stage conv2_x..conv5_x), as in torchvision / He et al.
 RESNET_ARCH = {
@@ -42,7 +43,7 @@ def norm_factory(norm: str, gn_groups: int = 32):
 
     * ``"frozen_bn"``: the paper's setting. The backbone is fine-tuned from ImageNet and,
       with only 2 images per GPU, batch statistics are too noisy to re-estimate, so BN
-      is an affine transform with fixed ImageNet statistics (``FrozenBatchNorm2d``).
+      is an affine transform with fixed ImageNet statistics (``frozen_bn.FrozenBatchNorm2d``).
     * ``"bn"``: ordinary ``nn.BatchNorm2d`` (large batches only).
     * ``"gn"``: ``nn.GroupNorm`` (Wu & He, 2018). For training from scratch on the
       embedded data set there are no pretrained statistics to freeze, and BN statistics

@@ -26,7 +26,7 @@ from .detectors import _NECK_SWITCHES, batch_images
 from .fpn import FPN
 from .postprocess import detections_from_head
 from .roi_extraction import ROI_LEVELS, pyramid_roi_features
-from .roi_sampling import sample_rois
+from .roi_sampling import sample_rois_batch
 
 HEAD_VARIANTS = ("c4_conv5", "c5_2fc", "fpn", "bottom_up", "top_down_no_lateral", "p2_only")
 
@@ -111,7 +111,7 @@ class FastRCNN(nn.Module):
         batch, hws = batch_images(images, self.cfg.size_divisible)
         maps = self._maps(batch)
         if self.training:
-            sampled = [self._sample(p, t) for p, t in zip(proposals, targets)]
+            sampled = self._sample(proposals, targets)
             rois = [s.rois for s in sampled]
             logits, deltas = self.predictor(self.head(self.roi_features(maps, rois)))
             return fast_rcnn_losses(logits, deltas, torch.cat([s.labels for s in sampled]),
@@ -120,12 +120,18 @@ class FastRCNN(nn.Module):
         return detections_from_head(logits, deltas, list(proposals), hws, self.cfg.score_thresh,
                                     self.cfg.nms_thresh, self.cfg.detections_per_img)
 
-    def _sample(self, proposals: Tensor, target: dict):
-        boxes, labels, crowd_boxes = target["boxes"], target["labels"], None
-        crowd = target.get("iscrowd")
-        if crowd is not None:  # (without crowds no mask index: on CUDA each one waits for the GPU)
-            crowd = crowd.to(torch.bool)
-            boxes, labels, crowd_boxes = boxes[~crowd], labels[~crowd], boxes[crowd]
-        return sample_rois(proposals, boxes, labels, batch_size_per_image=self.cfg.batch_per_image,
-                           positive_fraction=self.cfg.positive_fraction, generator=self.generator,
-                           ignore_boxes=crowd_boxes if crowd_boxes is not None and len(crowd_boxes) else None)
+    def _sample(self, proposals: list[Tensor], targets: list[dict]) -> list:
+        """Each image's RoI minibatch (``roi_sampling``), all images labelled at once."""
+        boxes, labels, crowds = [], [], []
+        for target in targets:
+            b, lab, crowd_boxes = target["boxes"], target["labels"], None
+            crowd = target.get("iscrowd")
+            if crowd is not None:  # (without crowds no mask index: on CUDA each one waits for the GPU)
+                crowd = crowd.to(torch.bool)
+                b, lab, crowd_boxes = b[~crowd], lab[~crowd], b[crowd]
+            boxes.append(b)
+            labels.append(lab)
+            crowds.append(crowd_boxes if crowd_boxes is not None and len(crowd_boxes) else None)
+        return sample_rois_batch(proposals, boxes, labels, batch_size_per_image=self.cfg.batch_per_image,
+                                 positive_fraction=self.cfg.positive_fraction, generator=self.generator,
+                                 ignore_boxes=crowds)

@@ -110,7 +110,7 @@ class FasterRCNN(FastRCNN):
             return self.rpn(rpn_maps, hws, targets, return_proposals=False)[1]
         proposals, losses = self.rpn(rpn_maps, hws, targets, compute_losses=self.stage == "joint")
         # select_proposals runs under no_grad: the head sees the boxes as constants
-        sampled = [self._sample(p[0], t) for p, t in zip(proposals, targets)]
+        sampled = self._sample([p[0] for p in proposals], targets)
         logits, deltas = self.predictor(self.head(self.roi_features(maps, [s.rois for s in sampled])))
         losses.update(fast_rcnn_losses(logits, deltas, torch.cat([s.labels for s in sampled]),
                                        torch.cat([s.regression_targets for s in sampled])))

@@ -22,9 +22,10 @@ from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import box_iou
 
-from .anchor_labels import IGNORE, NEGATIVE, POSITIVE, inside_ignore_boxes, sample_anchors
+from .anchor_labels import IGNORE, NEGATIVE, POSITIVE, inside_ignore_boxes, label_counts, padded, sample_anchors
 from .box_coder import FAST_RCNN_BOX_WEIGHTS, encode
 
 
@@ -71,39 +72,80 @@ def sample_rois(
     Proposals are detached: no gradient flows from the head into the RPN's boxes
     (approximate joint training, as Faster R-CNN). ``generator`` seeds the draw.
     """
-    # The gt boxes join the candidates (Fast R-CNN): each object is guaranteed a foreground
-    # RoI with IoU 1, whatever the proposals.
-    gt_boxes = gt_boxes.to(proposals.dtype)
-    candidates = torch.cat([proposals.detach(), gt_boxes])
-    num = candidates.shape[0]
-    device = candidates.device
+    return sample_rois_batch([proposals], [gt_boxes], [gt_labels], batch_size_per_image, positive_fraction,
+                             fg_iou, bg_iou_hi, bg_iou_lo, generator, [ignore_boxes], ignore_ioa, weights)[0]
 
-    if gt_boxes.shape[0] == 0:
-        max_iou = candidates.new_zeros(num)
-        matched = torch.zeros(num, dtype=torch.int64, device=device)
+
+def sample_rois_batch(
+    proposals: Sequence[Tensor],
+    gt_boxes: Sequence[Tensor],
+    gt_labels: Sequence[Tensor],
+    batch_size_per_image: int = 512,
+    positive_fraction: float = 0.25,
+    fg_iou: float = 0.5,
+    bg_iou_hi: float = 0.5,
+    bg_iou_lo: float = 0.0,
+    generator: torch.Generator | None = None,
+    ignore_boxes: Sequence[Tensor | None] | None = None,
+    ignore_ioa: float = 0.5,
+    weights: Sequence[float] = FAST_RCNN_BOX_WEIGHTS,
+) -> list[SampledRoIs]:
+    """:func:`sample_rois` of every image of a batch (one entry per image in each sequence), the
+    same result as image by image, draws included (the generator is read in image order).
+
+    The images are labelled together, padded to the largest proposal and gt counts, so the
+    batch costs one IoU, one read of the counts and one gather instead of one of each per image
+    (on CUDA each read waits for the GPU, and each small operator costs host time).
+    """
+    num_images = len(proposals)
+    if num_images == 0:
+        return []
+    ignores = [None] * num_images if ignore_boxes is None else ignore_boxes
+    gts = [g.to(p.dtype) for g, p in zip(gt_boxes, proposals)]
+    # The gt boxes join the candidates (Fast R-CNN): each object is guaranteed a foreground
+    # RoI with IoU 1, whatever the proposals. Per image: its proposals, then its gt boxes
+    # (padding between them changes no draw: the draw reads the order of real candidates only).
+    props, real_props = padded([p.detach() for p in proposals])
+    gt, real_gt = padded(gts)
+    candidates, real = torch.cat([props, gt], dim=1), torch.cat([real_props, real_gt], dim=1)  # [B, N, 4], [B, N]
+    width = candidates.shape[1]
+
+    if gt.shape[1] == 0:  # no image has an object
+        max_iou = candidates.new_zeros(real.shape)
+        matched = torch.zeros(real.shape, dtype=torch.int64, device=candidates.device)
     else:
-        max_iou, matched = box_iou(gt_boxes, candidates).max(dim=0)  # best gt of each candidate
+        iou = box_iou(gt, candidates).masked_fill(~real_gt[:, :, None], -1.0)  # [B, G, N]; padded gt never wins
+        max_iou, matched = iou.max(dim=1)  # best gt of each candidate (the first one on ties)
+        max_iou = max_iou.clamp(min=0.0)  # an image without objects: IoU 0 with everything
 
     # torch.where, not flags[mask] = v: a mask index waits for the GPU, where does not
-    flags = torch.where((max_iou >= bg_iou_lo) & (max_iou < bg_iou_hi), NEGATIVE, IGNORE)
+    flags = torch.where(real & (max_iou >= bg_iou_lo) & (max_iou < bg_iou_hi), NEGATIVE, IGNORE)
     # Foreground last: with overlapping ranges (bg_iou_hi > fg_iou) foreground wins.
-    flags = torch.where(max_iou >= fg_iou, POSITIVE, flags)
-    if ignore_boxes is not None and ignore_boxes.numel() > 0 and num > 0:
-        crowd = inside_ignore_boxes(candidates, ignore_boxes.to(candidates.dtype), ignore_ioa)
-        flags = torch.where(crowd & (flags == NEGATIVE), IGNORE, flags)
+    flags = torch.where(real & (max_iou >= fg_iou), POSITIVE, flags)
+    for i, crowd_boxes in enumerate(ignores):
+        if crowd_boxes is not None and crowd_boxes.numel() > 0:
+            crowd = inside_ignore_boxes(candidates[i], crowd_boxes.to(candidates.dtype), ignore_ioa)
+            flags[i] = torch.where(crowd & (flags[i] == NEGATIVE), IGNORE, flags[i])
 
     # The same draw as the RPN's anchors: a random capped subset of positives, then negatives.
-    fg, bg = sample_anchors(flags, batch_size_per_image, positive_fraction, generator)
-    keep = torch.cat([fg, bg])
-    rois = candidates[keep]
-    matched = matched[keep]
-
-    labels = torch.zeros(keep.numel(), dtype=torch.int64, device=device)
-    targets = rois.new_zeros((keep.numel(), 4))
-    num_fg = fg.numel()
-    if num_fg > 0:
-        labels[:num_fg] = gt_labels.to(device=device, dtype=torch.int64)[matched[:num_fg]]
+    counts = label_counts(flags)  # one wait for the batch
+    keep, sizes = [], []
+    for i in range(num_images):
+        fg, bg = sample_anchors(flags[i], batch_size_per_image, positive_fraction, generator, counts[i])
+        keep.append(torch.cat([fg, bg]) + i * width)
+        sizes.append(fg.numel() + bg.numel())
+    keep = torch.cat(keep)  # into the [B * N] flattened candidates
+    rois = candidates.reshape(-1, 4)[keep]
+    matched = matched.reshape(-1)[keep]  # the best gt's index within its image
+    foreground = flags.reshape(-1)[keep] == POSITIVE
+    labels = torch.zeros_like(keep)
+    targets = rois.new_zeros(rois.shape)
+    if gt.shape[1] > 0:
+        best = torch.div(keep, width, rounding_mode="floor") * gt.shape[1] + matched  # into the [B * G] padded gts
+        gt_classes = pad_sequence([lab.to(device=keep.device, dtype=torch.int64) for lab in gt_labels], batch_first=True)
+        labels = torch.where(foreground, gt_classes.reshape(-1)[best], labels)
         # Encoded for foreground only: a background RoI may be degenerate (a proposal clipped
         # to a zero-width sliver), whose log-size target would be -inf.
-        targets[:num_fg] = encode(rois[:num_fg], gt_boxes[matched[:num_fg]], weights)
-    return SampledRoIs(rois, labels, targets, matched)
+        targets = torch.where(foreground[:, None], encode(rois, gt.reshape(-1, 4)[best], weights), targets)
+    return [SampledRoIs(*parts) for parts in zip(rois.split(sizes), labels.split(sizes), targets.split(sizes),
+                                                   matched.split(sizes))]

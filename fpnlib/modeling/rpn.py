@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
-from .anchor_labels import label_anchors, label_counts, sample_anchors
+from .anchor_labels import POSITIVE, label_anchors_batch, label_counts, padded, sample_anchors
 from .box_coder import clip_boxes, decode, encode, usable_boxes
 from .group_nms import grouped_nms, use_group_nms
 from .parallel_pieces import map_pieces
@@ -151,19 +151,6 @@ def flatten_head_outputs(
 # ----------------------------------------------------------------------------- training
 
 
-def _label_image(
-    anchors: Tensor,
-    gt_boxes: Tensor,
-    image_hw: tuple[int, int],
-    cfg: RPNConfig,
-    ignore_boxes: Tensor | None,
-) -> tuple[Tensor, Tensor]:
-    """Label one image's anchors: IoU > 0.7 or best-for-an-object positive, < 0.3 negative.
-    Returns (labels, index of the matched gt of every anchor)."""
-    return label_anchors(anchors, gt_boxes, pos_iou=cfg.pos_iou, neg_iou=cfg.neg_iou, image_hw=image_hw,
-                         ignore_cross_boundary=cfg.ignore_cross_boundary, ignore_boxes=ignore_boxes)
-
-
 def rpn_losses(
     objectness: Tensor,
     deltas: Tensor,
@@ -184,25 +171,29 @@ def rpn_losses(
     the same). An image without objects contributes negatives only and no box term, so the box
     loss of such a batch is exactly 0.
     """
-    ignores = [None] * len(gt_boxes) if ignore_boxes is None else ignore_boxes
-    # labelling draws nothing: all images at once (parallel_pieces); the sampling draws, in image order
-    labelled = map_pieces(lambda gt, hw, ignore: _label_image(anchors, gt, hw, cfg, ignore), gt_boxes, image_hws,
-                          ignores, device=anchors.device)
-    counts = label_counts([anchor_labels for anchor_labels, _ in labelled])  # one wait for the batch
-    logits, labels, pos_deltas, pos_targets = [], [], [], []
-    for i, (gt, (anchor_labels, matched)) in enumerate(zip(gt_boxes, labelled)):
-        pos, neg = sample_anchors(anchor_labels, num=cfg.batch_per_image, positive_fraction=cfg.positive_fraction,
+    # labelling draws nothing: all images at once; the sampling draws, in image order
+    labels, matched = label_anchors_batch(anchors, gt_boxes, cfg.pos_iou, cfg.neg_iou, image_hws,
+                                          cfg.ignore_cross_boundary, ignore_boxes)  # [N, total]
+    counts = label_counts(labels)  # one wait for the batch
+    total = anchors.shape[0]
+    sampled, positives = [], []  # indices into the [N * total] flattened anchors of the batch
+    for i in range(len(gt_boxes)):
+        pos, neg = sample_anchors(labels[i], num=cfg.batch_per_image, positive_fraction=cfg.positive_fraction,
                                   generator=generator, counts=counts[i])
-        logits.append(objectness[i, torch.cat([pos, neg])])
-        labels.append(torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]).to(objectness.dtype))
-        pos_deltas.append(deltas[i, pos])
-        pos_targets.append(encode(anchors[pos], gt[matched[pos]].to(anchors)))
-    logits, labels = torch.cat(logits), torch.cat(labels)
+        sampled += [pos + i * total, neg + i * total]
+        positives.append(pos + i * total)
+    sampled, positives = torch.cat(sampled), torch.cat(positives)
+    logits = objectness.reshape(-1)[sampled]
+    targets = (labels.reshape(-1)[sampled] == POSITIVE).to(objectness.dtype)
+    gt, _ = padded(gt_boxes)
+    # each positive's matched gt, in the [N * G] padded gt boxes
+    best = torch.div(positives, total, rounding_mode="floor") * gt.shape[1] + matched.reshape(-1)[positives]
+    pos_targets = encode(anchors[positives.remainder(total)], gt.reshape(-1, 4)[best].to(anchors))
     num_sampled = max(logits.numel(), 1)  # guards a batch whose anchors are all ignored
-    loss_objectness = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / num_sampled
+    loss_objectness = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / num_sampled
     # reduction="sum" of an empty input is exactly 0 (a mean would be NaN).
     loss_box = F.smooth_l1_loss(
-        torch.cat(pos_deltas), torch.cat(pos_targets), beta=cfg.smooth_l1_beta, reduction="sum"
+        deltas.reshape(-1, 4)[positives], pos_targets, beta=cfg.smooth_l1_beta, reduction="sum"
     ) / num_sampled
     return {"loss_objectness": loss_objectness, "loss_rpn_box": loss_box}
 

@@ -1,0 +1,137 @@
+"""How much work a step hands the host: operators dispatched and waits for the device (not in the paper; speed).
+
+On a GPU a detector's training step can be bound by its host: every operator goes through
+Python and PyTorch's dispatcher and launches its kernels one after the other, and every read of
+a device tensor's data (``.item()``, ``.tolist()``, a boolean-mask index, ``nonzero``) stops the
+host until the device has finished all the work queued before it. Neither shows in a CPU's
+timings, but both can be *counted* on a CPU, exactly and without noise, by watching the
+dispatcher (``TorchDispatchMode``): :func:`count_host_work` does that for one step.
+
+Counted as a wait: an operator whose output size or value the host must read
+(:data:`WAITING_OPS`; ``index``/``index_put_`` with a boolean mask, which calls ``nonzero``);
+on a GPU, a copy from the device to the host, and one from the host without ``non_blocking``
+(PyTorch synchronises the stream after it, e.g. ``torch.tensor(values, device="cuda")``); and
+``Tensor.tolist`` / ``Tensor.numpy`` (on a CPU they read memory without dispatching, so they are
+counted by wrapping them). On a CPU every read counts, since a CUDA run would have these tensors
+on the GPU; host-to-device copies cannot be seen there.
+
+``cuda_path=True`` counts what a CUDA step would do, on whatever device the step runs: the
+choices fpnlib makes for CUDA (grouped NMS, the RPN head's dense backward, every per-image
+piece in one thread) are switched on for the step. Backward operators are counted too
+(the autograd engine carries the dispatch mode into its threads).
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# operators whose result the host must read before it can go on (a size or a value)
+WAITING_OPS = frozenset({
+    "aten._local_scalar_dense.default",  # .item(), int(t), float(t), bool(t)
+    "aten.nonzero.default",
+    "aten.masked_select.default",
+    "aten._unique2.default",
+    "aten.unique_dim.default",
+    "aten.unique_consecutive.default",
+    "aten.repeat_interleave.Tensor",
+})
+_MASK_INDEXED = ("aten.index.Tensor", "aten.index_put.default", "aten.index_put_.default", "aten._index_put_impl_.default")
+_CUDA_PATH_ENV = {"FPNLIB_GROUP_NMS": "1", "FPNLIB_SPARSE_RPN_GRAD": "0"}
+
+
+def _is_wait(name: str, args, kwargs, device_type: str) -> bool:
+    if name in WAITING_OPS:
+        return True
+    if name in _MASK_INDEXED:
+        return any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in args[1] or ())
+    if device_type == "cpu":  # copies within the CPU wait for nothing
+        return False
+    # a copy to the host waits for the data; one from the host, unless non_blocking, waits for the
+    # device's queue too (PyTorch synchronises the stream after it)
+    if name == "aten._to_copy.default":
+        src, dst = args[0].device.type, torch.device(kwargs.get("device") or args[0].device).type
+        blocking = not kwargs.get("non_blocking", False)
+    elif name == "aten.copy_.default":
+        src, dst = args[1].device.type, args[0].device.type
+        blocking = not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
+    else:
+        return False
+    return (src == device_type and dst == "cpu") or (src == "cpu" and dst == device_type and blocking)
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self, device_type: str):
+        super().__init__()
+        self.device_type = device_type
+        self.ops: Counter[str] = Counter()
+        self.waits: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func)
+        self.ops[name] += 1
+        if _is_wait(name, args, kwargs, self.device_type):
+            self.waits[name] += 1
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def _wrapped_host_reads(counter: _Counter):
+    """``tolist``/``numpy`` of CPU tensors dispatch nothing: count them by wrapping."""
+    originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+
+    def wrap(name):
+        original = originals[name]
+
+        def read(self, *args, **kwargs):
+            if self.device.type == "cpu" and counter.device_type == "cpu":
+                counter.waits[f"Tensor.{name}"] += 1
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in originals:
+        setattr(torch.Tensor, name, wrap(name))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+@contextmanager
+def _cuda_path():
+    from fpnlib.modeling.parallel_pieces import sequential
+
+    before = {k: os.environ.get(k) for k in _CUDA_PATH_ENV}
+    os.environ.update(_CUDA_PATH_ENV)
+    try:
+        with sequential():
+            yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def count_host_work(step: Callable[[], object], device: torch.device | str = "cpu", cuda_path: bool = False) -> dict:
+    """Run ``step()`` once and count the operators it dispatched and the waits for the device.
+
+    Returns ``{"ops": n, "waits": n, "waits_by_kind": {...}, "top_ops": {op: n, ... 10 most
+    frequent}}``. On a CPU, per-image pieces run in one thread while counting (a dispatch mode
+    does not reach other threads), which changes no result (``parallel_pieces``).
+    """
+    counter = _Counter(torch.device(device).type)
+    from fpnlib.modeling.parallel_pieces import sequential
+
+    with (_cuda_path() if cuda_path else sequential()), _wrapped_host_reads(counter), counter:
+        step()
+    return {"ops": sum(counter.ops.values()), "waits": sum(counter.waits.values()),
+            "waits_by_kind": dict(sorted(counter.waits.items())),
+            "top_ops": dict(counter.ops.most_common(10))}

@@ -1,0 +1,79 @@
+"""Counting a step's host work (``fpnlib.host_work``): operators and waits for the device.
+
+Counts, not times: they are exact on any machine. The last two tests hold fpnlib's training step
+to what its batched labelling and sampling give on the CUDA path: no wait per image, and a bounded
+number of operators per image.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import torch
+
+from fpnlib import bench
+from fpnlib.host_work import count_host_work
+
+# Operators an extra image adds to a tiny Faster R-CNN training step on the CUDA path: 79 with the
+# batched anchor labelling and RoI sampling (284 at a5ca6f0, where each image was labelled and
+# sampled on its own).
+OPS_PER_IMAGE_BOUND = 100
+
+
+def test_reads_of_data_are_counted_as_waits_and_nothing_else_is():
+    x = torch.arange(6.0)
+
+    def step():
+        y = x * 2 + 1  # two operators, no wait
+        torch.nonzero_static(y > 3, size=2)  # a size given: no wait
+        torch.where(y > 3, y, 0.0)
+        y.sum().item()  # wait 1
+        y.tolist()  # wait 2 (dispatches nothing on a CPU)
+        y[y > 3]  # wait 3: a boolean mask calls nonzero
+        torch.nonzero(y)  # wait 4
+
+    counts = count_host_work(step)
+    assert counts["waits"] == 4, counts
+    assert counts["waits_by_kind"] == {"Tensor.tolist": 1, "aten._local_scalar_dense.default": 1,
+                                       "aten.index.Tensor": 1, "aten.nonzero.default": 1}
+    # mul, add, gt, nonzero_static, gt, scalar_tensor (the 0.0), where, sum, item, gt, index, nonzero
+    assert counts["ops"] == 12, counts
+
+
+def test_cuda_path_switches_are_restored():
+    before = {k: os.environ.get(k) for k in ("FPNLIB_GROUP_NMS", "FPNLIB_SPARSE_RPN_GRAD")}
+    seen = {}
+    count_host_work(lambda: seen.update({k: os.environ.get(k) for k in before}), cuda_path=True)
+    assert seen == {"FPNLIB_GROUP_NMS": "1", "FPNLIB_SPARSE_RPN_GRAD": "0"}
+    assert {k: os.environ.get(k) for k in before} == before
+
+
+def _train_step_counts(batch: int) -> dict:
+    cfg = replace(bench.CONFIGS["tiny"], batch=batch)
+    ours, theirs = bench.build_pair(cfg)
+    images, targets = bench.synthetic_batch(cfg)
+    step = bench._steps(ours, theirs, cfg, images, targets, "cpu")["fpnlib"]["train"]
+    step()  # first step: lazily built state out of the count
+    return count_host_work(step, cuda_path=True)
+
+
+def test_training_step_waits_once_per_batch_not_per_image():
+    two, four = _train_step_counts(2), _train_step_counts(4)
+    assert two["waits"] == four["waits"], (two["waits_by_kind"], four["waits_by_kind"])
+    assert four["waits"] <= 5, four["waits_by_kind"]
+    assert four["ops"] - two["ops"] <= 2 * OPS_PER_IMAGE_BOUND, (two["ops"], four["ops"])
+
+
+def test_copies_between_host_and_device_count_where_they_wait():
+    # "meta" stands for the GPU: the rule reads only the devices and the non_blocking flag
+    from fpnlib.host_work import _is_wait
+
+    dev, host = torch.empty(2, device="meta"), torch.empty(2)
+    to_copy = "aten._to_copy.default"
+    assert _is_wait(to_copy, (dev,), {"device": torch.device("cpu")}, "meta")  # device -> host
+    assert _is_wait(to_copy, (host,), {"device": torch.device("meta")}, "meta")  # host -> device, blocking
+    assert not _is_wait(to_copy, (host,), {"device": torch.device("meta"), "non_blocking": True}, "meta")
+    assert not _is_wait(to_copy, (dev,), {"dtype": torch.float16}, "meta")  # a cast on the device
+    assert _is_wait("aten.copy_.default", (host, dev), {}, "meta")
+    assert not _is_wait("aten.copy_.default", (dev, host, True), {}, "meta")
+    assert not _is_wait(to_copy, (host,), {"dtype": torch.float16}, "cpu")
