@@ -115,6 +115,13 @@ def render_bench_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> 
                 top = sorted(st["seconds"].items(), key=lambda kv: -kv[1])[:5]
                 out.append(f"- {name}, {mode} step {1000 * st['step_s']:.0f} ms: " + ", ".join(
                     f"{k} {100 * v / st['step_s']:.0f}%" for k, v in top))
+        work = [(name, mode, r[mode]["host_work"]) for name, r in rec["configs"].items() for mode in ("train", "infer")
+                if "host_work" in r[mode]]
+        if work:
+            out += ["", "Host work of one step, operators dispatched / waits for the device (exact counts; fpnlib "
+                        "counted on its CUDA path, `fpnlib/host_work.py`):", ""]
+            out += [f"- {name}, {mode}: fpnlib {w['fpnlib']['ops']} / {w['fpnlib']['waits']}, torchvision "
+                    f"{w['torchvision']['ops']} / {w['torchvision']['waits']}" for name, mode, w in work]
         out += ["", "Same detections, and memory:", ""]
         for name, r in rec["configs"].items():
             opt, plain, mem = r["same_outputs"], r["same_outputs_plain"], r.get("peak_memory", {})
