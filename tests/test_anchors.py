@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from fpnlib.modeling.anchor_labels import label_anchors, label_anchors_batch, sample_anchors
+from fpnlib.modeling.anchor_labels import label_anchors, label_anchors_batch, sample_anchors, sample_batch
 from fpnlib.modeling.anchors import (
     ASPECT_RATIOS,
     LEVEL_STRIDES,
@@ -405,3 +405,18 @@ def test_sampling_is_a_random_subset_not_the_first_indices():
     pos, neg = sample_anchors(labels, generator=torch.Generator().manual_seed(0))
     assert pos.max() > 128 and neg.max() > 1128
     assert math.isclose(float(pos.float().mean()), 500, rel_tol=0.2)
+
+
+def test_a_batch_is_sampled_as_each_image_alone():
+    # rows with many, few and no positives: the same draws, in row order, offset into the flat batch
+    labels = torch.stack([_make_labels(300, 500, seed=1), _make_labels(10, 790, seed=2), _make_labels(0, 800, seed=3)])
+    g_batch, g_alone = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    keep, drawn = sample_batch(labels, 256, 0.5, g_batch)
+    expected = []
+    for i, row in enumerate(labels):
+        pos, neg = sample_anchors(row, 256, 0.5, g_alone)
+        expected += [pos + i * row.numel(), neg + i * row.numel()]
+        assert drawn[i] == (pos.numel(), neg.numel())
+    assert torch.equal(keep, torch.cat(expected))
+    assert drawn == [(128, 128), (10, 246), (0, 256)]
+    assert torch.equal(g_batch.get_state(), g_alone.get_state())

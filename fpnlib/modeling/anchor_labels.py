@@ -198,6 +198,25 @@ def sample_anchors(
     return _random_subset(positive, num_pos, generator), _random_subset(negative, num_neg, generator)
 
 
+def sample_batch(
+    labels: Tensor,
+    num: int = 256,
+    positive_fraction: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, list[tuple[int, int]]]:
+    """:func:`sample_anchors` of every row of ``labels`` ``[B, A]`` (one image per row), in row
+    order, so the draws are the image-by-image ones; the counts are read in one wait.
+
+    Returns the sampled indices into the flattened ``[B * A]`` labels, each row's positives then
+    its negatives, and each row's (positives, negatives) drawn (known on the host: no wait)."""
+    width, keep, drawn = labels.shape[-1], [], []
+    for i, counts in enumerate(label_counts(labels)):
+        pos, neg = sample_anchors(labels[i], num, positive_fraction, generator, counts)
+        keep += [pos + i * width, neg + i * width]
+        drawn.append((pos.numel(), neg.numel()))
+    return torch.cat(keep), drawn
+
+
 def label_counts(labels: Tensor) -> list[tuple[int, int]]:
     """(positives, negatives) of each row of ``labels`` ``[B, A]``, read in one wait."""
     both = torch.stack([(labels == POSITIVE).sum(-1), (labels == NEGATIVE).sum(-1)], dim=-1)

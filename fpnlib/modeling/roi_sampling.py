@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import box_iou
 
-from .anchor_labels import IGNORE, NEGATIVE, POSITIVE, inside_ignore_boxes, label_counts, padded, sample_anchors
+from .anchor_labels import IGNORE, NEGATIVE, POSITIVE, inside_ignore_boxes, padded, sample_batch
 from .box_coder import FAST_RCNN_BOX_WEIGHTS, encode
 
 
@@ -128,13 +128,8 @@ def sample_rois_batch(
             flags[i] = torch.where(crowd & (flags[i] == NEGATIVE), IGNORE, flags[i])
 
     # The same draw as the RPN's anchors: a random capped subset of positives, then negatives.
-    counts = label_counts(flags)  # one wait for the batch
-    keep, sizes = [], []
-    for i in range(num_images):
-        fg, bg = sample_anchors(flags[i], batch_size_per_image, positive_fraction, generator, counts[i])
-        keep.append(torch.cat([fg, bg]) + i * width)
-        sizes.append(fg.numel() + bg.numel())
-    keep = torch.cat(keep)  # into the [B * N] flattened candidates
+    keep, drawn = sample_batch(flags, batch_size_per_image, positive_fraction, generator)  # into [B * N]
+    sizes = [pos + neg for pos, neg in drawn]
     rois = candidates.reshape(-1, 4)[keep]
     matched = matched.reshape(-1)[keep]  # the best gt's index within its image
     foreground = flags.reshape(-1)[keep] == POSITIVE

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
-from .anchor_labels import POSITIVE, label_anchors_batch, label_counts, padded, sample_anchors
+from .anchor_labels import POSITIVE, label_anchors_batch, padded, sample_batch
 from .box_coder import clip_boxes, decode, encode, usable_boxes
 from .group_nms import grouped_nms, use_group_nms
 from .parallel_pieces import map_pieces
@@ -174,15 +175,10 @@ def rpn_losses(
     # labelling draws nothing: all images at once; the sampling draws, in image order
     labels, matched = label_anchors_batch(anchors, gt_boxes, cfg.pos_iou, cfg.neg_iou, image_hws,
                                           cfg.ignore_cross_boundary, ignore_boxes)  # [N, total]
-    counts = label_counts(labels)  # one wait for the batch
+    sampled, drawn = sample_batch(labels, cfg.batch_per_image, cfg.positive_fraction, generator)  # into [N * total]
+    starts = [0, *accumulate(pos + neg for pos, neg in drawn)]
+    positives = torch.cat([sampled[start:start + pos] for start, (pos, _) in zip(starts, drawn)])
     total = anchors.shape[0]
-    sampled, positives = [], []  # indices into the [N * total] flattened anchors of the batch
-    for i in range(len(gt_boxes)):
-        pos, neg = sample_anchors(labels[i], num=cfg.batch_per_image, positive_fraction=cfg.positive_fraction,
-                                  generator=generator, counts=counts[i])
-        sampled += [pos + i * total, neg + i * total]
-        positives.append(pos + i * total)
-    sampled, positives = torch.cat(sampled), torch.cat(positives)
     logits = objectness.reshape(-1)[sampled]
     targets = (labels.reshape(-1)[sampled] == POSITIVE).to(objectness.dtype)
     gt, _ = padded(gt_boxes)
