@@ -45,10 +45,12 @@ _CUDA_PATH_ENV = {"FPNLIB_GROUP_NMS": "1", "FPNLIB_SPARSE_RPN_GRAD": "0"}
 
 
 def _is_wait(name: str, args, kwargs, device_type: str) -> bool:
-    if name in WAITING_OPS:
-        return True
+    on_device = bool(args) and isinstance(args[0], torch.Tensor) and args[0].device.type == device_type
+    if name in WAITING_OPS:  # (a CPU tensor's, in a GPU run, waits for nothing)
+        return on_device and not (name == "aten.repeat_interleave.Tensor" and kwargs.get("output_size") is not None)
     if name in _MASK_INDEXED:
-        return any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8) for t in args[1] or ())
+        return on_device and any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8)
+                                 for t in args[1] or ())
     if device_type == "cpu":  # copies within the CPU wait for nothing
         return False
     # a copy to the host waits for the data; one from the host, unless non_blocking, waits for the

@@ -77,3 +77,11 @@ def test_copies_between_host_and_device_count_where_they_wait():
     assert _is_wait("aten.copy_.default", (host, dev), {}, "meta")
     assert not _is_wait("aten.copy_.default", (dev, host, True), {}, "meta")
     assert not _is_wait(to_copy, (host,), {"dtype": torch.float16}, "cpu")
+    # a read of a CPU tensor in a GPU run waits for nothing; one of a device tensor does
+    assert not _is_wait("aten.nonzero.default", (host,), {}, "meta")
+    assert _is_wait("aten.nonzero.default", (dev,), {}, "meta")
+    assert not _is_wait("aten.index.Tensor", (host, [host > 0]), {}, "meta")
+    assert _is_wait("aten.index.Tensor", (dev, [dev > 0]), {}, "meta")
+    counts = torch.tensor([1, 2])  # repeat_interleave with its output size given: no wait
+    assert _is_wait("aten.repeat_interleave.Tensor", (counts,), {}, "cpu")
+    assert not _is_wait("aten.repeat_interleave.Tensor", (counts,), {"output_size": 3}, "cpu")
