@@ -3,11 +3,12 @@
 The ResNets are fine-tuned from ImageNet with their BatchNorm statistics fixed (Sec. 5.1 and
 Detectron's practice): each BN layer is the per-channel affine map ``y = x * s + b`` with
 ``s = w / sqrt(var + eps)`` and ``b = bias - mean * s``. torchvision's ``FrozenBatchNorm2d``
-computes ``s`` and ``b`` again at every forward: eight small operators per layer, 53 layers in a
-ResNet-50, each one launched from the host on a GPU (where the training step is host-bound;
-``fpnlib.host_work`` counts them). Nothing changes them while training, so this subclass keeps the
-two vectors and computes them again only when a buffer or ``eps`` changes (``load_state_dict``,
-``.to()``, an in-place edit: seen through each buffer's storage and version counter).
+computes ``s`` and ``b`` again at every forward: nine small operators per layer (five of them
+kernels), 53 layers in a ResNet-50, each dispatched from Python and, on a GPU, launched one by one
+(an H100 profile found fpnlib's training step bound by its host; ``fpnlib.host_work`` counts the
+operators). Nothing changes ``s`` and ``b`` while training, so this subclass keeps them and
+computes them again only when a buffer or ``eps`` changes (``load_state_dict``, ``.to()``, an
+in-place edit: seen through each buffer's storage and version counter).
 
 The forward is torchvision's operators on the same values, so the outputs and gradients are
 equal bit for bit (``tests/test_backbone_fpn.py``). State dicts and ``isinstance`` checks are
