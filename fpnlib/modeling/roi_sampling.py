@@ -22,7 +22,6 @@ from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
-from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import box_iou
 
 from .anchor_labels import IGNORE, NEGATIVE, POSITIVE, inside_ignore_boxes, padded, sample_batch
@@ -47,15 +46,8 @@ def sample_rois(
     proposals: Tensor,
     gt_boxes: Tensor,
     gt_labels: Tensor,
-    batch_size_per_image: int = 512,
-    positive_fraction: float = 0.25,
-    fg_iou: float = 0.5,
-    bg_iou_hi: float = 0.5,
-    bg_iou_lo: float = 0.0,
-    generator: torch.Generator | None = None,
     ignore_boxes: Tensor | None = None,
-    ignore_ioa: float = 0.5,
-    weights: Sequence[float] = FAST_RCNN_BOX_WEIGHTS,
+    **options,
 ) -> SampledRoIs:
     """Label and sample one image's RoIs for the Fast R-CNN loss (Sec. 4.2, 5.2).
 
@@ -71,9 +63,12 @@ def sample_rois(
 
     Proposals are detached: no gradient flows from the head into the RPN's boxes
     (approximate joint training, as Faster R-CNN). ``generator`` seeds the draw.
+
+    ``options``: the keywords of :func:`sample_rois_batch`, where the defaults are
+    (``batch_size_per_image`` 512, ``positive_fraction`` 0.25, ``fg_iou`` 0.5, ``bg_iou_hi`` 0.5,
+    ``bg_iou_lo`` 0, ``generator``, ``ignore_ioa`` 0.5, ``weights`` of the Fast R-CNN heads).
     """
-    return sample_rois_batch([proposals], [gt_boxes], [gt_labels], batch_size_per_image, positive_fraction,
-                             fg_iou, bg_iou_hi, bg_iou_lo, generator, [ignore_boxes], ignore_ioa, weights)[0]
+    return sample_rois_batch([proposals], [gt_boxes], [gt_labels], ignore_boxes=[ignore_boxes], **options)[0]
 
 
 def sample_rois_batch(
@@ -137,7 +132,7 @@ def sample_rois_batch(
     targets = rois.new_zeros(rois.shape)
     if gt.shape[1] > 0:
         best = torch.div(keep, width, rounding_mode="floor") * gt.shape[1] + matched  # into the [B * G] padded gts
-        gt_classes = pad_sequence([lab.to(device=keep.device, dtype=torch.int64) for lab in gt_labels], batch_first=True)
+        gt_classes, _ = padded([lab.to(device=keep.device, dtype=torch.int64) for lab in gt_labels])
         labels = torch.where(foreground, gt_classes.reshape(-1)[best], labels)
         # Encoded for foreground only: a background RoI may be degenerate (a proposal clipped
         # to a zero-width sliver), whose log-size target would be -inf.
