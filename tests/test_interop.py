@@ -19,7 +19,9 @@ from fpnlib.modeling.anchors import AnchorGenerator
 from fpnlib.modeling.box_coder import BBOX_CLAMP, FAST_RCNN_BOX_WEIGHTS
 from fpnlib.modeling.rpn import select_proposals
 from fpnlib.modeling.detectors import batch_images
+from fpnlib.host_work import count_host_work
 from fpnlib.modeling.torchvision_interop import (
+    boxes_to_original_size,
     convert_torchvision_state_dict,
     detect,
     load_torchvision_faster_rcnn,
@@ -177,6 +179,19 @@ def test_detections_match(run):
         torch.testing.assert_close(ours["boxes"], theirs["boxes"], rtol=0, atol=1e-3)
         torch.testing.assert_close(ours["scores"], theirs["scores"], rtol=0, atol=1e-5)
         assert torch.equal(ours["labels"], theirs["labels"])
+
+
+def test_boxes_go_back_to_the_original_pixels_as_torchvision_with_no_copy_to_the_device():
+    from torchvision.models.detection.transform import resize_boxes
+
+    g = torch.Generator().manual_seed(0)
+    for resized, original in (((320, 400), (240, 300)), ((450, 320), (300, 213)), ((800, 1199), (427, 640))):
+        boxes = torch.rand(30, 4, generator=g) * max(resized)
+        assert torch.equal(boxes_to_original_size(boxes, resized, original), resize_boxes(boxes, resized, original))
+    # "meta" stands for the GPU: the float32 ratios are CPU scalars, so nothing is copied or waited for
+    on_device = boxes.to("meta")
+    counts = count_host_work(lambda: boxes_to_original_size(on_device, (800, 1199), (427, 640)), "meta")
+    assert counts["waits"] == 0 and "aten._to_copy.default" not in counts["top_ops"], counts
 
 
 def test_config_mirrors_torchvision_model():

@@ -274,8 +274,17 @@ def detect(model: FasterRCNN, images, min_size: int = 800, max_size: int = 1333,
     inputs, sizes = preprocess(images, min_size, max_size)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
         outputs = model([im.to(device) for im in inputs])
-    for out, im, (h, w) in zip(outputs, inputs, sizes):
-        # as torchvision: float32 ratio original / resized, per axis
-        ry, rx = (torch.tensor(float(o)) / torch.tensor(float(r)) for o, r in ((h, im.shape[-2]), (w, im.shape[-1])))
-        out["boxes"] = out["boxes"] * torch.stack([rx, ry, rx, ry]).to(out["boxes"])
+    for out, im, size in zip(outputs, inputs, sizes):
+        out["boxes"] = boxes_to_original_size(out["boxes"], tuple(im.shape[-2:]), size)
     return outputs
+
+
+def boxes_to_original_size(boxes: Tensor, resized_hw: tuple[int, int], original_hw: tuple[int, int]) -> Tensor:
+    """``[D, 4]`` xyxy boxes of a resized image in the original image's pixels, as torchvision's
+    ``resize_boxes``: each axis times its float32 ratio original / resized.
+
+    The ratios stay 0-dim CPU tensors, which a device operator takes as scalars: no copy to the
+    device, so nothing waits for it (a blocking copy per image would, on CUDA)."""
+    ry, rx = (torch.tensor(float(o)) / torch.tensor(float(r)) for o, r in zip(original_hw, resized_hw))
+    corners = boxes.unflatten(-1, (2, 2))  # [D, 2 corners, (x, y)]
+    return torch.stack((corners[..., 0] * rx.to(boxes.dtype), corners[..., 1] * ry.to(boxes.dtype)), -1).flatten(-2)
