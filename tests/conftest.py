@@ -10,18 +10,15 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 def _share_the_cores_between_workers() -> None:
-    """Under pytest-xdist (``make test`` runs ``-n 2``), each worker gets its share of the cores,
-    and so do the processes it starts (notebook kernels, CLI runs) through ``OMP_NUM_THREADS``.
-    Two workers with one thread each beat one with two: most tests are small operators, whose
-    time is Python's, not the kernel's. The learning tests' thresholds hold at 1 and 2 threads
-    (their docstrings give both measurements)."""
+    """Under pytest-xdist (``make test`` runs ``-n 2``), each worker, and the notebook kernels and
+    CLI runs it starts, gets its share of the cores, as ``run_rows``' workers do: most tests are
+    small operators, whose time is Python's, so two one-thread workers beat one two-thread
+    process. The learning tests' docstrings give their numbers at 1 and 2 threads."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers > 1:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-        import torch
+        from fpnlib.experiments.tables import share_cores
 
-        torch.set_num_threads(threads)
+        share_cores(workers)
 
 
 _share_the_cores_between_workers()

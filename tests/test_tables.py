@@ -3,9 +3,12 @@ unchanged, rows trained several at a time with the same numbers."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-from fpnlib.experiments.tables import RowJob, how_obtained, reuse_evaluated, run_rows
+import torch
+
+from fpnlib.experiments.tables import RowJob, how_obtained, reuse_evaluated, run_rows, share_cores
 
 CALLS: list[str] = []
 
@@ -47,3 +50,14 @@ def test_rows_in_parallel_give_the_rows_in_table_order(tmp_path):
     on_disk = json.loads((tmp_path / "table9.json").read_text())
     assert list(on_disk["rows"]) == ["c4", "fpn", "p2_only"] and on_disk["provenance"]["row_jobs"] == 2
     assert (tmp_path / "table9.md").read_text() == "md\n"
+
+
+def test_processes_side_by_side_share_the_cores(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")  # restored after the test
+    before = torch.get_num_threads()
+    try:
+        assert share_cores(3) == 2 and torch.get_num_threads() == 2 and os.environ["OMP_NUM_THREADS"] == "2"
+        assert share_cores(16) == 1 and torch.get_num_threads() == 1  # at least one thread each
+    finally:
+        torch.set_num_threads(before)

@@ -104,10 +104,19 @@ class RowJob:
         return self.fn(variant, out_dir=Path(self.runs_dir) / variant, **self.kwargs)
 
 
-def _row_worker_init(threads: int) -> None:
+def share_cores(processes: int) -> int:
+    """Make this process one of ``processes`` side by side on the machine's cores: it gets
+    ``cores // processes`` torch threads (at least one), and so do the processes it starts
+    (``OMP_NUM_THREADS``). Returns the count. Used by ``run_rows``' workers and by the test
+    suite's pytest-xdist workers (``tests/conftest.py``)."""
+    import os
+
     import torch
 
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
+    return threads
 
 
 def _file_digest(path: Path) -> str:
@@ -181,8 +190,6 @@ def run_rows(record: dict, variants: Sequence[str], run_one: Callable[[str], dic
     is recorded). Small models use two cores badly from one process: two one-thread rows side by
     side gave 1.23x the throughput of one two-thread row (measured on the 2-core dev machine).
     A row's numbers depend on its thread count, not on which rows ran beside it."""
-    import os
-
     from fpnlib.provenance import provenance
 
     n = record["table"]
@@ -205,9 +212,8 @@ def run_rows(record: dict, variants: Sequence[str], run_one: Callable[[str], dic
 
         from tqdm.auto import tqdm
 
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_row_worker_init,
-                                 initargs=(threads,)) as pool:
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=share_cores,
+                                 initargs=(jobs,)) as pool:
             futures = {pool.submit(run_one, v): v for v in variants}
             for fut in tqdm(as_completed(futures), total=len(futures), desc=f"Table {n} rows ({jobs} at once)"):
                 finished(futures[fut], fut.result())

@@ -284,7 +284,10 @@ def boxes_to_original_size(boxes: Tensor, resized_hw: tuple[int, int], original_
     ``resize_boxes``: each axis times its float32 ratio original / resized.
 
     The ratios stay 0-dim CPU tensors, which a device operator takes as scalars: no copy to the
-    device, so nothing waits for it (a blocking copy per image would, on CUDA)."""
+    device, so nothing waits for it (a blocking copy per image would, on CUDA). fpnlib's own
+    data sets use :func:`fpnlib.data.transforms.boxes_to_original`, which divides by the scale
+    their resize recorded; this one keeps torchvision's arithmetic, so ``detect`` gives
+    torchvision's boxes bit for bit."""
     ry, rx = (torch.tensor(float(o)) / torch.tensor(float(r)) for o, r in zip(original_hw, resized_hw))
     corners = boxes.unflatten(-1, (2, 2))  # [D, 2 corners, (x, y)]
     return torch.stack((corners[..., 0] * rx.to(boxes.dtype), corners[..., 1] * ry.to(boxes.dtype)), -1).flatten(-2)
