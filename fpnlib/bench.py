@@ -229,35 +229,42 @@ _STAGE_FUNCTIONS = (
 
 
 @contextmanager
-def stage_timer(model: nn.Module, device="cpu"):
-    """Collect seconds per stage of ``model``'s forward into the yielded dict (lists per stage)."""
+def stage_timer(model: nn.Module, device="cpu", host_times: dict[str, list[float]] | None = None):
+    """Collect seconds per stage of ``model``'s forward into the yielded dict (lists per stage).
+
+    Each stage starts after the device has finished the work before it and ends when the device
+    has finished the stage's. ``host_times``, if given, gets the seconds until the stage's
+    Python returned, before that last wait: on a GPU, a stage whose host time is most of its
+    time is bound by the host (launching operators, waiting inside), one whose host time is a
+    small part by the device."""
     import importlib
 
     times: dict[str, list[float]] = defaultdict(list)
+    host = host_times if host_times is not None else defaultdict(list)
     start: dict[str, float] = {}
     handles, patched = [], []
+
+    def begin(stage):
+        _sync(device)
+        start[stage] = time.perf_counter()
+
+    def end(stage):
+        host[stage].append(time.perf_counter() - start[stage])
+        _sync(device)
+        times[stage].append(time.perf_counter() - start[stage])
+
     for stage, path in _STAGE_MODULES:
         module = model.get_submodule(path)
-
-        def pre(_m, _a, stage=stage):
-            _sync(device)
-            start[stage] = time.perf_counter()
-
-        def post(_m, _a, _o, stage=stage):
-            _sync(device)
-            times[stage].append(time.perf_counter() - start[stage])
-
-        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        handles += [module.register_forward_pre_hook(lambda _m, _a, stage=stage: begin(stage)),
+                    module.register_forward_hook(lambda _m, _a, _o, stage=stage: end(stage))]
     for stage, mod_name, attr in _STAGE_FUNCTIONS:
         mod = importlib.import_module(mod_name)
         original = getattr(mod, attr)
 
         def timed(*a, _f=original, _stage=stage, **k):
-            _sync(device)
-            t = time.perf_counter()
+            begin(_stage)
             out = _f(*a, **k)
-            _sync(device)
-            times[_stage].append(time.perf_counter() - t)
+            end(_stage)
             return out
 
         setattr(mod, attr, timed)
@@ -273,11 +280,15 @@ def stage_timer(model: nn.Module, device="cpu"):
 
 def stage_breakdown(ours, step, reps: int, device) -> dict:
     """Median seconds per stage of one ``step`` (summed over calls within a step), the step's
-    median, and the share of the step the stages do not cover ("other": backward, SGD, glue)."""
+    median, and the share of the step the stages do not cover ("other": backward, SGD, glue).
+    On CUDA also each stage's median host seconds (see :func:`stage_timer`); on a CPU they are
+    the stage's seconds."""
     per_step: dict[str, list[float]] = defaultdict(list)
+    host_per_step: dict[str, list[float]] = defaultdict(list)
     totals = []
     for _ in range(reps):
-        with stage_timer(ours, device) as times:
+        host: dict[str, list[float]] = defaultdict(list)
+        with stage_timer(ours, device, host) as times:
             _sync(device)
             t = time.perf_counter()
             step()
@@ -285,10 +296,14 @@ def stage_breakdown(ours, step, reps: int, device) -> dict:
             totals.append(time.perf_counter() - t)
         for stage, values in times.items():
             per_step[stage].append(sum(values))
+            host_per_step[stage].append(sum(host[stage]))
     stages = {s: statistics.median(v) for s, v in per_step.items()}
     total = statistics.median(totals)
     stages["other (backward + SGD, glue)"] = max(total - sum(stages.values()), 0.0)
-    return {"seconds": {k: round(v, 5) for k, v in stages.items()}, "step_s": round(total, 5)}
+    out = {"seconds": {k: round(v, 5) for k, v in stages.items()}, "step_s": round(total, 5)}
+    if str(device).startswith("cuda"):
+        out["host_seconds"] = {k: round(statistics.median(v), 5) for k, v in host_per_step.items()}
+    return out
 
 
 def _status_kib(field: str) -> int:
@@ -410,14 +425,15 @@ def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", 
     ours, theirs = ours.to(device), theirs.to(device)
     images, targets = synthetic_batch(cfg, device=device)
     from fpnlib.modeling.fast_inference import for_cuda_training, optimized_for_inference
-    from fpnlib.modeling import rpn_head_grad
     from fpnlib.host_work import count_host_work
+    from fpnlib.modeling import pyramid_roi_align, rpn_head_grad
     from fpnlib.modeling.group_nms import path_note
 
     fast = optimized_for_inference(ours)
     cuda = device.startswith("cuda")
     record = {"config": asdict(cfg), "device": device, "reps": reps, "warmup": warmup,
-              "fpnlib_inference_path": list(fast.optimizations) + (["bf16 autocast"] if cuda else []) + [path_note(device)],
+              "fpnlib_inference_path": list(fast.optimizations) + (["bf16 autocast"] if cuda else [])
+              + [path_note(device)] + ([pyramid_roi_align.path_note(device)] if cuda else []),
               "fpnlib_training_path": (["bf16 autocast", "channels_last", "cudnn.benchmark"] if cuda
                                        else ["float32, NCHW; RoIAlign and NMS per image on the CPU's threads (parallel_pieces)",
                                              rpn_head_grad.path_note()])

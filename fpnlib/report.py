@@ -113,8 +113,10 @@ def render_bench_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> 
             for mode in ("train", "infer"):
                 st = r[mode]["fpnlib_stages"]
                 top = sorted(st["seconds"].items(), key=lambda kv: -kv[1])[:5]
+                host = st.get("host_seconds", {})  # CUDA records: the host's part of each stage
                 out.append(f"- {name}, {mode} step {1000 * st['step_s']:.0f} ms: " + ", ".join(
-                    f"{k} {100 * v / st['step_s']:.0f}%" for k, v in top))
+                    f"{k} {100 * v / st['step_s']:.0f}%" + (f" (host {100 * host[k] / v:.0f}% of it)" if k in host and v > 0 else "")
+                    for k, v in top))
         work = [(name, mode, r[mode]["host_work"]) for name, r in rec["configs"].items() for mode in ("train", "infer")
                 if "host_work" in r[mode]]
         if work:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import defaultdict
 
 import pytest
 import torch
@@ -77,8 +78,15 @@ def test_stage_timer_undoes_its_instrumentation():
 
     ours, _ = bench.build_pair(bench.CONFIGS["tiny"])
     before = rpn.select_proposals
-    with bench.stage_timer(ours):
+    host = defaultdict(list)
+    with bench.stage_timer(ours, "cpu", host) as times:
         assert rpn.select_proposals is not before
+        ours.eval()
+        with torch.no_grad():
+            ours([torch.rand(3, 96, 128)])
+    assert set(host) == set(times) and "backbone" in times
+    # the host's part of a stage ends before the wait for the device that ends the stage
+    assert all(h <= t for stage in times for h, t in zip(host[stage], times[stage], strict=True))
     assert rpn.select_proposals is before
     assert not ours.backbone._forward_hooks and not ours.backbone._forward_pre_hooks
 

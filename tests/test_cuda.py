@@ -216,3 +216,39 @@ def test_anchor_sampling_on_cuda_draws_the_right_subsets_reproducibly():
         assert len(set(pos.tolist())) == 128 and len(set(neg.tolist())) == 128
         draws.append((pos, neg))
     assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
+
+
+def test_roialign_of_all_levels_in_one_kernel_matches_torchvisions_on_cuda(monkeypatch):
+    """``pyramid_roi_align`` (inference's RoI extraction on CUDA) against torchvision's
+    ``roi_align`` level by level (``FPNLIB_TRITON_ROI_ALIGN=0``), on channels_last maps of an
+    R50-FPN's width: float32 within float32 rounding (torchvision's kernel is compiled with fused
+    multiply-adds, the Triton one without), bf16 within one bf16 step; and no wait for the GPU."""
+    from test_roi_extraction import STRIDES, _boxes, _pyramid
+
+    from fpnlib.host_work import count_host_work
+    from fpnlib.modeling import pyramid_roi_align as kernel
+    from fpnlib.modeling.roi_extraction import pyramid_roi_features
+
+    if not kernel.enabled("cuda"):
+        pytest.skip("no Triton: torchvision's roi_align is the path")
+    feats, _ = _pyramid(800, 1216, c=256, n=2)
+    boxes = [b.cuda() for b in _boxes(2, 500, 800, 1216)]
+    for dtype in (torch.float32, torch.bfloat16):
+        maps = {k: v.cuda().to(dtype).contiguous(memory_format=torch.channels_last) for k, v in feats.items()}
+
+        def pool():  # bf16 as in inference: under autocast, which casts torchvision's inputs to float32
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                return pyramid_roi_features(maps, boxes, STRIDES, output_size=7, mode="align", sampling_ratio=2)
+
+        ours = pool()
+        monkeypatch.setenv("FPNLIB_TRITON_ROI_ALIGN", "0")
+        theirs = pool()
+        monkeypatch.delenv("FPNLIB_TRITON_ROI_ALIGN")
+        diff = (ours.float() - theirs.float()).abs().max().item()
+        print(dtype, "largest difference", diff, "of", theirs.abs().max().item())
+        assert ours.is_contiguous(memory_format=torch.channels_last) and ours.dtype == theirs.dtype == dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(ours.float(), theirs.float(), rtol=2 ** -7, atol=1e-3)
+        assert count_host_work(pool, device="cuda")["waits"] == 0

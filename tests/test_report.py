@@ -53,3 +53,16 @@ def test_claims_block_lists_tables_not_run(tmp_path):
     block = render_claims_block(tmp_path)
     assert "## Table 1" in block and "FPN beats the single-scale C4 RPN" in block
     assert "## Table 3\n- not run under `cpu` yet" in block and block.strip().startswith("Direction only")
+
+
+def test_bench_block_gives_the_hosts_part_of_each_stage_on_cuda(tmp_path):
+    from fpnlib.report import render_bench_block
+
+    rec = json.loads((RESULTS_DIR / "bench" / "cuda-nvidia-h100-80gb-hbm3.json").read_text())
+    stages = rec["configs"]["r50_fpn_gpu"]["infer"]["fpnlib_stages"]
+    assert "host_seconds" not in stages  # recorded before host times were
+    stages["host_seconds"] = {"backbone": stages["seconds"]["backbone"] / 4}
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "cuda-x.json").write_text(json.dumps(rec))
+    line = next(s for s in render_bench_block(tmp_path).splitlines() if s.startswith("- r50_fpn_gpu, infer"))
+    assert "backbone 34% (host 25% of it)" in line and line.count("host") == 1

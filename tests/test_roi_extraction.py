@@ -1,6 +1,8 @@
 """RoI features per level: the same as torchvision's MultiScaleRoIAlign; RoI pooling per level."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign, roi_pool
@@ -50,3 +52,92 @@ def test_unknown_mode_is_refused():
     feats, _ = _pyramid()
     with pytest.raises(ValueError, match="mode"):
         pyramid_roi_features(feats, _boxes(1, 2), STRIDES, mode="bilinear")
+
+
+def test_one_kernel_for_all_levels_in_tritons_interpreter_is_torchvisions_roialign():
+    """``pyramid_roi_align``, the Triton kernel CUDA inference runs, executed by Triton's CPU
+    interpreter: bit for bit torchvision's ``roi_align`` in float32, on RoIs of every level, RoIs
+    reaching outside the map, a degenerate one, both ``aligned`` settings and two sampling ratios
+    (bf16 rounding is checked on a GPU, ``tests/test_cuda.py``: the interpreter truncates)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed")
+    script = (
+        "import torch\n"
+        "from torchvision.ops import MultiScaleRoIAlign, roi_align\n"
+        "from test_roi_extraction import STRIDES, _pyramid\n"
+        "from fpnlib.modeling.roi_extraction import pyramid_roi_features\n"
+        "from fpnlib.modeling.roi_levels import assign_fpn_levels\n"
+        "from fpnlib.modeling.pyramid_roi_align import pyramid_roi_align\n"
+        "feats, sizes = _pyramid(128, 160, c=8)\n"
+        "feats = {k: v.contiguous(memory_format=torch.channels_last) for k, v in feats.items()}\n"
+        "boxes = [torch.tensor([[4., 6., 40., 30.], [-30., -20., 60., 150.], [20., 10., 20.2, 10.1]]),\n"
+        "         torch.tensor([[100., 80., 170., 140.], [-100., -100., 250., 250.], [-300., -300., 300., 300.]])]\n"
+        "assert sorted(set(assign_fpn_levels(torch.cat(boxes)).tolist())) == [2, 3, 4, 5]\n"
+        "ours = pyramid_roi_features(feats, boxes, STRIDES, output_size=7, mode='align', sampling_ratio=2)\n"
+        "assert ours.is_contiguous(memory_format=torch.channels_last)  # the kernel wrote it\n"
+        "theirs = MultiScaleRoIAlign(list(STRIDES), 7, 2)(feats, boxes, sizes)\n"
+        "assert torch.equal(ours, theirs), (ours - theirs).abs().max()\n"
+        "rois = torch.cat([torch.cat([torch.full((3, 1), float(i)), b], 1) for i, b in enumerate(boxes)])\n"
+        "level = assign_fpn_levels(rois[:, 1:])\n"
+        "maps, scales = list(feats.values()), [1 / s for s in STRIDES.values()]\n"
+        "out = pyramid_roi_align(maps, rois, level, [2, 3, 4, 5], scales, 5, 1, True)\n"
+        "for r in range(6):\n"
+        "    k = int(level[r]) - 2\n"
+        "    ref = roi_align(maps[k], rois[r:r + 1], 5, scales[k], 1, True)\n"
+        "    assert torch.equal(out[r:r + 1], ref), r\n"
+        "grad = [m.clone().requires_grad_() for m in maps]  # training: torchvision's roi_align and its backward\n"
+        "assert pyramid_roi_align(grad, rois, level, [2, 3, 4, 5], scales, 7, 2, False) is None\n"
+        "assert pyramid_roi_align(maps, rois, level, [2, 3, 4, 5], scales, 7, 0, False) is None  # adaptive\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__)), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", script], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_cpu_inference_keeps_torchvisions_roialign():
+    """Outside CUDA (and Triton's interpreter) the kernel steps aside: the per-level loop or the
+    CPU's threaded pieces pool, as the tests above check."""
+    from fpnlib.modeling.pyramid_roi_align import enabled, pyramid_roi_align
+
+    feats, _ = _pyramid(64, 64, c=4)
+    rois = torch.tensor([[0.0, 0.0, 0.0, 30.0, 30.0]])
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        assert not enabled("cpu")
+        assert pyramid_roi_align(list(feats.values()), rois, torch.tensor([2]), [2, 3, 4, 5], [0.25] * 4, 7, 2, False) is None
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_one_kernel_for_all_levels_compiles_for_an_h100_without_fused_multiply_adds(dtype):
+    """No GPU is needed to compile: Triton builds the kernel for sm_90 (an H100) here, so CI
+    catches a kernel that would not compile on the GPU. Its PTX has no fused multiply-add (the
+    float32 order of operations is torchvision's), divides with correct rounding and rounds bf16
+    results to nearest even."""
+    import re
+
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fpnlib.modeling.pyramid_roi_align_kernel import pyramid_roi_align_kernel
+
+    sig = {"rois": "*fp32", "level": "*i32", "out": f"*{dtype}", "channels": "i32"}
+    for i in range(4):  # map pointer, height, width, four strides, scale
+        sig.update({f"m{i}": f"*{dtype}", f"h{i}": "i32", f"w{i}": "i32", f"n{i}": "i64", f"c{i}": "i32",
+                    f"y{i}": "i32", f"x{i}": "i32", f"sc{i}": "fp32"})
+    constants = {"SIZE": 7, "RATIO": 2, "ALIGNED": False, "BLOCK_C": 256}
+    sig.update(dict.fromkeys(constants, "constexpr"))
+    source = ASTSource(fn=pyramid_roi_align_kernel, signature=sig,
+                       constexprs={(list(sig).index(k),): v for k, v in constants.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
+    ptx = compiled.asm["ptx"]
+    assert compiled.asm["cubin"]
+    assert not re.search(r"\bfma\.", ptx)
+    assert len(re.findall(r"\bdiv\.rn\.f32", ptx)) >= 4
+    assert ("cvt.rn.bf16" in ptx) == (dtype == "bf16")

@@ -14,6 +14,7 @@ from torch import Tensor
 from torchvision.ops import roi_align, roi_pool
 
 from .parallel_pieces import threaded_roi_align
+from .pyramid_roi_align import pyramid_roi_align
 from .roi_levels import assign_fpn_levels
 
 ROI_LEVELS = ("p2", "p3", "p4", "p5")  # the region head never reads P6 (Sec. 4.2)
@@ -51,11 +52,14 @@ def pyramid_roi_features(
     rois = rois_with_batch_index(boxes)
     target = assign_fpn_levels(rois[:, 1:], k0=canonical_level, canonical_size=canonical_size,
                                k_min=min(ks), k_max=max(ks))
-    if mode == "align":  # on a CPU: the (level, image) pieces on all cores, same numbers
-        threaded = threaded_roi_align([features[name] for name in levels], rois, target, ks,
-                                      [1.0 / strides[name] for name in levels], output_size, sampling_ratio, aligned)
-        if threaded is not None:
-            return threaded
+    if mode == "align":
+        # at inference on CUDA, all levels in one kernel on the maps' own layout and dtype; on a
+        # CPU, the (level, image) pieces on all cores: the same numbers as the loop below
+        maps, scales = [features[name] for name in levels], [1.0 / strides[name] for name in levels]
+        for pieces in (pyramid_roi_align, threaded_roi_align):
+            pooled = pieces(maps, rois, target, ks, scales, output_size, sampling_ratio, aligned)
+            if pooled is not None:
+                return pooled
     first = features[levels[0]]
     out = first.new_zeros((rois.shape[0], first.shape[1], output_size, output_size))
     # the RoIs of each level in their order: one sort and one read of the counts (on CUDA, one
