@@ -219,10 +219,11 @@ def test_anchor_sampling_on_cuda_draws_the_right_subsets_reproducibly():
 
 
 def test_roialign_of_all_levels_in_one_kernel_matches_torchvisions_on_cuda(monkeypatch):
-    """``pyramid_roi_align`` (inference's RoI extraction on CUDA) against torchvision's
-    ``roi_align`` level by level (``FPNLIB_TRITON_ROI_ALIGN=0``), on channels_last maps of an
-    R50-FPN's width: float32 within float32 rounding (torchvision's kernel is compiled with fused
-    multiply-adds, the Triton one without), bf16 within one bf16 step; and no wait for the GPU."""
+    """``pyramid_roi_align`` (RoI extraction on CUDA) against torchvision's ``roi_align`` level by
+    level (``FPNLIB_TRITON_ROI_ALIGN=0``), on channels_last maps of an R50-FPN's width, output
+    and gradients of the maps: float32 within float32 rounding (torchvision's kernel is compiled
+    with fused multiply-adds, the Triton one without, and both add gradients atomically, in no
+    fixed order), bf16 under autocast within one bf16 step; and no wait for the GPU."""
     from test_roi_extraction import STRIDES, _boxes, _pyramid
 
     from fpnlib.host_work import count_host_work
@@ -233,22 +234,30 @@ def test_roialign_of_all_levels_in_one_kernel_matches_torchvisions_on_cuda(monke
         pytest.skip("no Triton: torchvision's roi_align is the path")
     feats, _ = _pyramid(800, 1216, c=256, n=2)
     boxes = [b.cuda() for b in _boxes(2, 500, 800, 1216)]
+    weights = torch.randn(1000, 256, 7, 7, generator=torch.Generator().manual_seed(0)).cuda()
     for dtype in (torch.float32, torch.bfloat16):
-        maps = {k: v.cuda().to(dtype).contiguous(memory_format=torch.channels_last) for k, v in feats.items()}
+        maps = {k: v.cuda().to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+                for k, v in feats.items()}
 
-        def pool():  # bf16 as in inference: under autocast, which casts torchvision's inputs to float32
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        def pool(grad=True):  # bf16 as in training: under autocast, which casts torchvision's inputs to float32
+            with torch.set_grad_enabled(grad), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                 return pyramid_roi_features(maps, boxes, STRIDES, output_size=7, mode="align", sampling_ratio=2)
 
-        ours = pool()
+        def pool_and_grads():
+            out = pool()
+            return out.detach(), torch.autograd.grad((out.float() * weights).sum(), list(maps.values()))
+
+        ours, our_grads = pool_and_grads()
         monkeypatch.setenv("FPNLIB_TRITON_ROI_ALIGN", "0")
-        theirs = pool()
+        theirs, their_grads = pool_and_grads()
         monkeypatch.delenv("FPNLIB_TRITON_ROI_ALIGN")
-        diff = (ours.float() - theirs.float()).abs().max().item()
-        print(dtype, "largest difference", diff, "of", theirs.abs().max().item())
+        print(dtype, "largest difference", (ours.float() - theirs.float()).abs().max().item(), "of",
+              theirs.abs().max().item(), "; gradients", [(a.float() - b.float()).abs().max().item()
+                                                         for a, b in zip(our_grads, their_grads)])
         assert ours.is_contiguous(memory_format=torch.channels_last) and ours.dtype == theirs.dtype == dtype
-        if dtype == torch.float32:
-            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-        else:
-            torch.testing.assert_close(ours.float(), theirs.float(), rtol=2 ** -7, atol=1e-3)
-        assert count_host_work(pool, device="cuda")["waits"] == 0
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=1e-3)
+        torch.testing.assert_close(ours.float(), theirs.float(), **tol)
+        for a, b in zip(our_grads, their_grads, strict=True):
+            assert a.dtype == b.dtype == dtype and b.abs().sum() > 0
+            torch.testing.assert_close(a.float(), b.float(), **tol)
+        assert count_host_work(lambda: pool(grad=False), device="cuda")["waits"] == 0

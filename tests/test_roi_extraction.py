@@ -55,10 +55,10 @@ def test_unknown_mode_is_refused():
 
 
 def test_one_kernel_for_all_levels_in_tritons_interpreter_is_torchvisions_roialign():
-    """``pyramid_roi_align``, the Triton kernel CUDA inference runs, executed by Triton's CPU
-    interpreter: bit for bit torchvision's ``roi_align`` in float32, on RoIs of every level, RoIs
-    reaching outside the map, a degenerate one, both ``aligned`` settings and two sampling ratios
-    (bf16 rounding is checked on a GPU, ``tests/test_cuda.py``: the interpreter truncates)."""
+    """``pyramid_roi_align``, the Triton kernels CUDA runs, executed by Triton's CPU interpreter:
+    bit for bit torchvision's ``roi_align`` and its gradient in float32, on RoIs of every level,
+    RoIs reaching outside the map, a degenerate one, both ``aligned`` settings and two sampling
+    ratios (bf16 rounding is checked on a GPU, ``tests/test_cuda.py``: the interpreter truncates)."""
     import importlib.util
     import os
     import subprocess
@@ -90,8 +90,15 @@ def test_one_kernel_for_all_levels_in_tritons_interpreter_is_torchvisions_roiali
         "    k = int(level[r]) - 2\n"
         "    ref = roi_align(maps[k], rois[r:r + 1], 5, scales[k], 1, True)\n"
         "    assert torch.equal(out[r:r + 1], ref), r\n"
-        "grad = [m.clone().requires_grad_() for m in maps]  # training: torchvision's roi_align and its backward\n"
-        "assert pyramid_roi_align(grad, rois, level, [2, 3, 4, 5], scales, 7, 2, False) is None\n"
+        "maps = [m.clone().requires_grad_() for m in maps]  # training: the gradient of each map\n"
+        "w = torch.randn(6, 8, 7, 7, generator=torch.Generator().manual_seed(5))\n"
+        "(pyramid_roi_align(maps, rois, level, [2, 3, 4, 5], scales, 7, 2, False) * w).sum().backward()\n"
+        "ours = [m.grad for m in maps]\n"
+        "on = [(level == k).nonzero().flatten() for k in (2, 3, 4, 5)]  # torchvision: one call per level\n"
+        "theirs = torch.autograd.grad(sum((roi_align(m, rois[i], 7, s, 2) * w[i]).sum() for m, i, s in zip(maps, on, scales)),\n"
+        "                             maps)\n"
+        "for a, b in zip(ours, theirs):\n"
+        "    assert a.abs().sum() > 0 and torch.equal(a, b), (a - b).abs().max()\n"
         "assert pyramid_roi_align(maps, rois, level, [2, 3, 4, 5], scales, 7, 0, False) is None  # adaptive\n"
     )
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
@@ -115,10 +122,11 @@ def test_cpu_inference_keeps_torchvisions_roialign():
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_one_kernel_for_all_levels_compiles_for_an_h100_without_fused_multiply_adds(dtype):
-    """No GPU is needed to compile: Triton builds the kernel for sm_90 (an H100) here, so CI
-    catches a kernel that would not compile on the GPU. Its PTX has no fused multiply-add (the
-    float32 order of operations is torchvision's), divides with correct rounding and rounds bf16
-    results to nearest even."""
+    """No GPU is needed to compile: Triton builds the kernel, forward and backward, for sm_90 (an
+    H100) here, so CI catches a kernel that would not compile on the GPU. Its PTX has no fused
+    multiply-add (the float32 order of operations is torchvision's) and divides with correct
+    rounding; the forward rounds bf16 results to nearest even, the backward adds into float32
+    atomically."""
     import re
 
     triton = pytest.importorskip("triton")
@@ -127,17 +135,23 @@ def test_one_kernel_for_all_levels_compiles_for_an_h100_without_fused_multiply_a
 
     from fpnlib.modeling.pyramid_roi_align_kernel import pyramid_roi_align_kernel
 
-    sig = {"rois": "*fp32", "level": "*i32", "out": f"*{dtype}", "channels": "i32"}
-    for i in range(4):  # map pointer, height, width, four strides, scale
-        sig.update({f"m{i}": f"*{dtype}", f"h{i}": "i32", f"w{i}": "i32", f"n{i}": "i64", f"c{i}": "i32",
-                    f"y{i}": "i32", f"x{i}": "i32", f"sc{i}": "fp32"})
-    constants = {"SIZE": 7, "RATIO": 2, "ALIGNED": False, "BLOCK_C": 256}
-    sig.update(dict.fromkeys(constants, "constexpr"))
-    source = ASTSource(fn=pyramid_roi_align_kernel, signature=sig,
-                       constexprs={(list(sig).index(k),): v for k, v in constants.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
-    ptx = compiled.asm["ptx"]
-    assert compiled.asm["cubin"]
-    assert not re.search(r"\bfma\.", ptx)
-    assert len(re.findall(r"\bdiv\.rn\.f32", ptx)) >= 4
-    assert ("cvt.rn.bf16" in ptx) == (dtype == "bf16")
+    def compiled(backward, maps):
+        sig = {"rois": "*fp32", "level": "*i32", "bins": f"*{dtype}", "channels": "i32"}
+        for i in range(4):  # map pointer, height, width, four strides, scale
+            sig.update({f"m{i}": f"*{maps}", f"h{i}": "i32", f"w{i}": "i32", f"n{i}": "i64", f"c{i}": "i32",
+                        f"y{i}": "i32", f"x{i}": "i32", f"sc{i}": "fp32"})
+        constants = {"SIZE": 7, "RATIO": 2, "ALIGNED": False, "BLOCK_C": 256, "BACKWARD": backward}
+        sig.update(dict.fromkeys(constants, "constexpr"))
+        source = ASTSource(fn=pyramid_roi_align_kernel, signature=sig,
+                           constexprs={(list(sig).index(k),): v for k, v in constants.items()})
+        out = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
+        assert out.asm["cubin"]
+        return out.asm["ptx"]
+
+    forward = compiled(False, dtype)
+    backward = compiled(True, "fp32")  # into float32 gradients of the maps
+    for ptx in (forward, backward):
+        assert not re.search(r"\bfma\.", ptx)
+        assert len(re.findall(r"\bdiv\.rn\.f32", ptx)) >= 4
+    assert ("cvt.rn.bf16" in forward) == (dtype == "bf16")
+    assert re.search(r"\bred\.[a-z.]*add\.f32|\batom\.[a-z.]*add\.f32", backward)  # atomic float32 adds
