@@ -1,7 +1,10 @@
 """Shared fixtures: one smoke data set per test session, generated into a temp folder."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -30,6 +33,25 @@ def smoke_root(tmp_path_factory):
     from fpnlib.data.prepare import ensure_dataset
 
     return ensure_dataset("smoke", root=tmp_path_factory.mktemp("smoke_data"), progress=False)
+
+
+@pytest.fixture
+def in_triton_interpreter():
+    """``run(script)``: runs ``script`` in a fresh Python where Triton executes its kernels on
+    the CPU (``TRITON_INTERPRET=1``, read when Triton is imported), the tests folder importable,
+    and fails with its stderr. Skips where Triton is not installed."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed")
+    tests = os.path.dirname(__file__)
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([tests, os.path.dirname(tests), os.environ.get("PYTHONPATH", "")]))
+
+    def run(script: str) -> None:
+        done = subprocess.run([sys.executable, "-W", "ignore", "-c", script], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    return run
 
 
 def pytest_collection_modifyitems(config, items):

@@ -169,17 +169,10 @@ def test_grouped_detections_of_nothing(monkeypatch):
     assert det["boxes"].shape == (0, 4) and det["labels"].dtype == torch.int64
 
 
-def test_overlap_kernel_in_tritons_interpreter_is_the_eager_formula():
-    """The Triton kernel CUDA runs, executed by Triton's CPU interpreter (where Triton is
-    installed; CI's CPU environment has none, ``tests/test_cuda.py`` runs it on a GPU)."""
-    import importlib.util
-    import os
-    import subprocess
-    import sys
-
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("Triton is not installed")
-    script = (
+def test_overlap_kernel_in_tritons_interpreter_is_the_eager_formula(in_triton_interpreter):
+    """The Triton kernel CUDA runs, executed by Triton's CPU interpreter (``tests/test_cuda.py``
+    runs it on a GPU)."""
+    in_triton_interpreter(
         "import torch\n"
         "from test_group_nms import _clustered_boxes\n"
         "from fpnlib.modeling import group_nms\n"
@@ -195,11 +188,6 @@ def test_overlap_kernel_in_tritons_interpreter_is_the_eager_formula():
         "    assert torch.equal(kernel, eager.float()), (t, fused)\n"
         "    assert eager.sum() > 50\n"
     )
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__)), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-W", "ignore", "-c", script], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_torchvisions_coordinate_trick_decides_some_borderline_pairs_otherwise():

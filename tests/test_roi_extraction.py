@@ -54,19 +54,12 @@ def test_unknown_mode_is_refused():
         pyramid_roi_features(feats, _boxes(1, 2), STRIDES, mode="bilinear")
 
 
-def test_one_kernel_for_all_levels_in_tritons_interpreter_is_torchvisions_roialign():
+def test_one_kernel_for_all_levels_in_tritons_interpreter_is_torchvisions_roialign(in_triton_interpreter):
     """``pyramid_roi_align``, the Triton kernels CUDA runs, executed by Triton's CPU interpreter:
     bit for bit torchvision's ``roi_align`` and its gradient in float32, on RoIs of every level,
     RoIs reaching outside the map, a degenerate one, both ``aligned`` settings and two sampling
     ratios (bf16 rounding is checked on a GPU, ``tests/test_cuda.py``: the interpreter truncates)."""
-    import importlib.util
-    import os
-    import subprocess
-    import sys
-
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("Triton is not installed")
-    script = (
+    in_triton_interpreter(
         "import torch\n"
         "from torchvision.ops import MultiScaleRoIAlign, roi_align\n"
         "from test_roi_extraction import STRIDES, _pyramid\n"
@@ -101,11 +94,6 @@ def test_one_kernel_for_all_levels_in_tritons_interpreter_is_torchvisions_roiali
         "    assert a.abs().sum() > 0 and torch.equal(a, b), (a - b).abs().max()\n"
         "assert pyramid_roi_align(maps, rois, level, [2, 3, 4, 5], scales, 7, 0, False) is None  # adaptive\n"
     )
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__)), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-W", "ignore", "-c", script], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_cpu_inference_keeps_torchvisions_roialign():
