@@ -434,7 +434,8 @@ def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", 
     record = {"config": asdict(cfg), "device": device, "reps": reps, "warmup": warmup,
               "fpnlib_inference_path": list(fast.optimizations) + (["bf16 autocast"] if cuda else [])
               + [path_note(device)] + ([pyramid_roi_align.path_note(device)] if cuda else []),
-              "fpnlib_training_path": (["bf16 autocast", "channels_last", "cudnn.benchmark", pyramid_roi_align.path_note(device)] if cuda
+              "fpnlib_training_path": (["bf16 autocast", "channels_last", "cudnn.benchmark",
+                                        pyramid_roi_align.path_note(device)] if cuda
                                        else ["float32, NCHW; RoIAlign and NMS per image on the CPU's threads (parallel_pieces)",
                                              rpn_head_grad.path_note()])
               + [path_note(device)],

@@ -240,7 +240,8 @@ def test_roialign_of_all_levels_in_one_kernel_matches_torchvisions_on_cuda(monke
                 for k, v in feats.items()}
 
         def pool(grad=True):  # bf16 as in training: under autocast, which casts torchvision's inputs to float32
-            with torch.set_grad_enabled(grad), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+            with torch.set_grad_enabled(grad), amp:
                 return pyramid_roi_features(maps, boxes, STRIDES, output_size=7, mode="align", sampling_ratio=2)
 
         def pool_and_grads():

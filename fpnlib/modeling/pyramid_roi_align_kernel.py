@@ -77,7 +77,7 @@ def _bin(fmap, height, width, s_n, s_c, s_h, s_w, scale, roi, ph, pw, bin_ptr, c
                 total += tl.where(inside, w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4, 0.0)
     if not BACKWARD:
         total = tl.math.div_rn(total, count)
-        if bin_ptr.dtype.element_ty != tl.float32:  # round to nearest even, as torch's .to() (the interpreter truncates)
+        if bin_ptr.dtype.element_ty != tl.float32:  # to nearest even, as torch's .to(); Triton's interpreter truncates
             total = total.to(bin_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
         tl.store(bin_ptr + c, total, mask=c_ok)
 
