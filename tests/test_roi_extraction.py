@@ -97,9 +97,9 @@ def test_one_kernel_for_all_levels_in_tritons_interpreter_is_torchvisions_roiali
     )
 
 
-def test_cpu_inference_keeps_torchvisions_roialign():
-    """Outside CUDA (and Triton's interpreter) the kernel steps aside: the per-level loop or the
-    CPU's threaded pieces pool, as the tests above check."""
+def test_a_cpu_keeps_torchvisions_roialign():
+    """Outside CUDA (and Triton's interpreter) the kernel steps aside, in training and inference:
+    the per-level loop or the CPU's threaded pieces pool, as the tests above check."""
     from fpnlib.modeling.pyramid_roi_align import enabled, pyramid_roi_align
 
     feats, _ = _pyramid(64, 64, c=4)

@@ -31,6 +31,7 @@ contiguously); the box head's ``flatten`` reads it in the usual (c, y, x) order.
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 
@@ -40,9 +41,6 @@ from torch import Tensor
 MAX_LEVELS = 4  # P2-P5, the levels the region head reads (Sec. 4.2)
 MAX_CHANNELS = 1024  # one program holds a bin's channels in registers
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # read as they are, summed in float32
-
-_KERNEL: list = []  # [kernel] once built, [None] where Triton is unavailable
-
 
 def enabled(device: torch.device | str) -> bool:
     """Whether RoI extraction (training and inference) takes this kernel: on CUDA where Triton
@@ -59,15 +57,14 @@ def path_note(device: torch.device | str) -> str:
     return "RoIAlign of all levels in one Triton kernel" if enabled(device) else "RoIAlign level by level (torchvision)"
 
 
+@functools.cache
 def _kernel():
     """The Triton kernel (forward and backward), or ``None`` without Triton."""
-    if not _KERNEL:
-        try:
-            from .pyramid_roi_align_kernel import pyramid_roi_align_kernel
-        except ImportError:  # no Triton
-            pyramid_roi_align_kernel = None
-        _KERNEL.append(pyramid_roi_align_kernel)
-    return _KERNEL[0]
+    try:
+        from .pyramid_roi_align_kernel import pyramid_roi_align_kernel
+    except ImportError:  # no Triton
+        return None
+    return pyramid_roi_align_kernel
 
 
 def _launch(rois: Tensor, level: Tensor, bins: Tensor, maps: Sequence[Tensor], scales: Sequence[float],

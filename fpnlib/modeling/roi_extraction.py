@@ -2,7 +2,8 @@
 
 The paper uses RoI pooling (Fast R-CNN) to extract 7x7 features; modern libraries use RoIAlign
 (Mask R-CNN), which samples the map bilinearly instead of snapping the RoI to the grid. Both
-come from ``torchvision.ops``; what is the paper's here is the choice of level.
+come from ``torchvision.ops`` (on CUDA, RoIAlign runs as one kernel for all levels with
+torchvision's arithmetic, ``pyramid_roi_align``); what is the paper's here is the choice of level.
 """
 from __future__ import annotations
 
@@ -53,8 +54,8 @@ def pyramid_roi_features(
     target = assign_fpn_levels(rois[:, 1:], k0=canonical_level, canonical_size=canonical_size,
                                k_min=min(ks), k_max=max(ks))
     if mode == "align":
-        # at inference on CUDA, all levels in one kernel on the maps' own layout and dtype; on a
-        # CPU, the (level, image) pieces on all cores: the same numbers as the loop below
+        # on CUDA, all levels in one kernel on the maps' own layout and dtype; on a CPU, the
+        # (level, image) pieces on all cores: the same numbers as the loop below
         maps, scales = [features[name] for name in levels], [1.0 / strides[name] for name in levels]
         for pieces in (pyramid_roi_align, threaded_roi_align):
             pooled = pieces(maps, rois, target, ks, scales, output_size, sampling_ratio, aligned)
