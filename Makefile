@@ -10,7 +10,8 @@ PRESET ?= cpu
 # torch/torchvision builds this project is tested with (they install offline on the dev machines)
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.fpnlib-installed
-# pytest-xdist workers for make test; each file stays on one worker (its tests share fixtures)
+# pytest-xdist workers for make test; each file stays on one worker (its tests share fixtures),
+# files handed out in tests/conftest.py's order (slow files first), not re-sorted by test count
 TEST_WORKERS ?= 2
 
 .PHONY: help setup test reproduce bench data lab student clean-data
@@ -33,7 +34,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 reproduce: $(STAMP)
 	$(PY) -m fpnlib reproduce --preset $(PRESET)

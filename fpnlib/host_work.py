@@ -18,7 +18,10 @@ on the GPU; host-to-device copies cannot be seen there.
 ``cuda_path=True`` counts what a CUDA step would do, on whatever device the step runs: the
 choices fpnlib makes for CUDA (grouped NMS, the RPN head's dense backward, every per-image
 piece in one thread) are switched on for the step. Backward operators are counted too
-(the autograd engine carries the dispatch mode into its threads).
+(the autograd engine carries the dispatch mode into its threads). One CUDA choice cannot be
+made on a CPU: RoIAlign's Triton kernel (``pyramid_roi_align``) runs on CUDA only, so a CPU's
+count takes the per-level RoIAlign, whose read of the RoIs per level is one wait that a CUDA
+step with the kernel does not make.
 """
 from __future__ import annotations
 

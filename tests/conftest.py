@@ -56,6 +56,8 @@ def in_triton_interpreter():
 
 def pytest_collection_modifyitems(config, items):
     """Files with slow or notebook tests first, each file's tests in their own order: with
-    ``--dist loadfile`` the longest files start at once and the short ones fill in behind them."""
+    ``--dist loadfile`` the longest files start at once and the short ones fill in behind them.
+    (``make test`` passes ``--no-loadscope-reorder``: by default pytest-xdist hands the files
+    out by their number of tests, which put the longest file, five slow tests, last.)"""
     heavy = {item.path for item in items if item.get_closest_marker("slow") or item.get_closest_marker("notebook")}
     items.sort(key=lambda item: item.path not in heavy)
