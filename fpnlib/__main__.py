@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     p.add_argument("--no-runtime", action="store_true", help="skip the paper's runtime comparison (Sec. 5.2.3)")
     p.add_argument("--out", default=None, help="output folder (default: results/bench/)")
+    p.add_argument("--compile", action="store_true",
+                   help="fpnlib's backbone and FPN through torch.compile (an A/B arm; compiled during warm-up)")
     return parser
 
 
@@ -280,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
 
         path = bench(args.configs, reps=args.reps, warmup=args.warmup, device=args.device,
                      out_dir=Path(args.out) if args.out else BENCH_DIR, memory=not args.no_memory,
-                     runtime=not args.no_runtime)
+                     runtime=not args.no_runtime, compile=args.compile)
         print(summary(json.loads(path.read_text())))
         print(f"written: {path}")
     return 0

@@ -331,11 +331,12 @@ def _memory_probe(name: str, lib: str, mode: str, threads: int) -> dict:
             "peak_over_before_mib": round((peak - before) / 1024, 1)}
 
 
-def peak_memory(cfg: BenchConfig, ours, theirs, images, targets, device) -> dict:
-    """Peak memory per (library, mode): CUDA allocator peak, or a fresh process's RSS on a CPU."""
+def peak_memory(cfg: BenchConfig, ours, theirs, images, targets, device, fast=None) -> dict:
+    """Peak memory per (library, mode): CUDA allocator peak, or a fresh process's RSS on a CPU
+    (of the eager models). ``fast``: fpnlib's inference model, as for :func:`_steps`."""
     out = {}
     if str(device).startswith("cuda"):
-        steps = _steps(ours, theirs, cfg, images, targets, device)
+        steps = _steps(ours, theirs, cfg, images, targets, device, fast=fast)
         for lib, fns in steps.items():
             for mode, fn in fns.items():
                 torch.cuda.reset_peak_memory_stats()
@@ -418,30 +419,34 @@ def body_seconds(fast, cfg: BenchConfig, images, device, reps: int, warmup: int)
 
 
 def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", memory: bool = True,
-               progress: bool = True) -> dict:
-    """Everything measured for configuration ``name``."""
+               progress: bool = True, compile: bool = False) -> dict:
+    """Everything measured for configuration ``name``; with ``compile``, fpnlib's backbone and
+    FPN run through ``torch.compile`` (``compile_body``; compiled in the first warm-up step)."""
     cfg = CONFIGS[name]
     ours, theirs = build_pair(cfg)
     ours, theirs = ours.to(device), theirs.to(device)
     images, targets = synthetic_batch(cfg, device=device)
-    from fpnlib.modeling.fast_inference import for_cuda_training, optimized_for_inference
+    from fpnlib.modeling.fast_inference import compile_body, for_cuda_training, optimized_for_inference
     from fpnlib.host_work import count_host_work
     from fpnlib.modeling import pyramid_roi_align, rpn_head_grad
     from fpnlib.modeling.group_nms import path_note
 
     fast = optimized_for_inference(ours)
     cuda = device.startswith("cuda")
+    compiled = [f"torch.compile ({', '.join(compile_body(fast))})"] if compile else []
     record = {"config": asdict(cfg), "device": device, "reps": reps, "warmup": warmup,
               "fpnlib_inference_path": list(fast.optimizations) + (["bf16 autocast"] if cuda else [])
-              + [path_note(device)] + ([pyramid_roi_align.path_note(device)] if cuda else []),
+              + [path_note(device)] + ([pyramid_roi_align.path_note(device)] if cuda else []) + compiled,
               "fpnlib_training_path": (["bf16 autocast", "channels_last", "cudnn.benchmark",
                                         pyramid_roi_align.path_note(device)] if cuda
                                        else ["float32, NCHW; RoIAlign and NMS per image on the CPU's threads (parallel_pieces)",
                                              rpn_head_grad.path_note()])
-              + [path_note(device)],
+              + [path_note(device)] + compiled,
               "same_outputs": same_outputs(fast, theirs, cfg, images),
               "same_outputs_plain": same_outputs(ours, theirs, cfg, images, amp=False)}
     for_cuda_training(ours)  # what fpnlib's trainer does on CUDA (a CPU model is left as it is)
+    if compile:
+        compile_body(ours)
     steps = _steps(ours, theirs, cfg, images, targets, device, fast=fast)
     for mode in ("infer", "train"):
         if progress:
@@ -463,10 +468,10 @@ def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", 
             body = body_seconds(fast, cfg, images, device, reps, warmup)
             record[mode]["fpnlib_backbone_fpn_alone_s"] = round(body, 5)
             record[mode]["fpnlib_detector_over_backbone_fpn"] = round(med["fpnlib"] / body, 3)
-    if memory:
+    if memory and (cuda or not compile):  # a CPU's probes build eager models in fresh processes
         if progress:
             print(f"[bench] {name}: peak memory", flush=True)
-        record["peak_memory"] = peak_memory(cfg, ours, theirs, images, targets, device)
+        record["peak_memory"] = peak_memory(cfg, ours, theirs, images, targets, device, fast=fast)
     return record
 
 
@@ -548,10 +553,13 @@ def hardware_slug() -> str:
 
 
 def bench(configs=None, reps: int = 10, warmup: int = 2, device: str | None = None, out_dir: Path = BENCH_DIR,
-          memory: bool = True, progress: bool = True, runtime: bool = True) -> Path:
+          memory: bool = True, progress: bool = True, runtime: bool = True, compile: bool = False) -> Path:
     """Run the configurations (default: the two of this device) and, with ``runtime``, the
     paper's runtime comparison (:func:`paper_runtime`, 512 px on a CPU, 800 on CUDA); write
-    ``out_dir/<hardware>.json`` with provenance; returns its path."""
+    ``out_dir/<hardware>.json`` with provenance; returns its path. ``compile``: see
+    :func:`run_config` (the A/B arm of ``torch.compile``; the runtime comparison stays eager)."""
+    if compile and warmup < 1:
+        raise ValueError("bench --compile needs --warmup >= 1: the first step compiles")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if configs is None:
         configs = ("cpu_preset", "r50_fpn_gpu" if device.startswith("cuda") else "r50_fpn")
@@ -560,7 +568,7 @@ def bench(configs=None, reps: int = 10, warmup: int = 2, device: str | None = No
     out = Path(out_dir) / f"{hardware_slug()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in configs:
-        record["configs"][name] = run_config(name, reps, warmup, device, memory, progress)
+        record["configs"][name] = run_config(name, reps, warmup, device, memory, progress, compile)
         record["provenance"] = provenance("bench", 0, time.perf_counter() - t0, device=device)
         out.write_text(json.dumps(record, indent=1) + "\n")
     if runtime:

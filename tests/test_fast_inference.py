@@ -15,8 +15,8 @@ import torch
 from torchvision.ops import FrozenBatchNorm2d
 
 from fpnlib.modeling.detectors import batch_images
-from fpnlib.modeling.fast_inference import (fold_conv_frozen_bn, matched_fraction, max_box_difference,
-                                             optimized_for_inference)
+from fpnlib.modeling.fast_inference import (compile_body, fold_conv_frozen_bn, matched_fraction,
+                                             max_box_difference, optimized_for_inference)
 from fpnlib.modeling.faster_rcnn import FasterRCNN
 from fpnlib.modeling.torchvision_interop import torchvision_faster_rcnn_config
 
@@ -80,3 +80,34 @@ def test_the_original_model_is_untouched():
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert not model.backbone._forward_pre_hooks
+
+
+def test_compile_body_replaces_only_the_forward_of_backbone_and_fpn():
+    """``torch.compile``'s wiring, traced by Dynamo (backend "eager": no code generation, so the
+    outputs are the eager ones bit for bit; the bench's ``--compile`` arm records inductor's
+    agreement with torchvision in ``same_outputs``)."""
+    model = _model()
+    fast = optimized_for_inference(model)
+    images = _images()
+    with torch.no_grad():
+        before = fast(images)
+    keys = list(fast.state_dict())
+    calls = []
+    fast.backbone.register_forward_hook(lambda *_: calls.append("backbone"))
+    assert compile_body(fast, backend="eager") == ["backbone", "neck"]
+    assert compile_body(fast, backend="eager") == []  # once only
+    with torch.no_grad():
+        after = fast(images)
+    assert calls == ["backbone"] and list(fast.state_dict()) == keys  # hooks and weights as they were
+    for d0, d1 in zip(before, after, strict=True):
+        assert all(torch.equal(d0[k], d1[k]) for k in ("boxes", "scores", "labels"))
+    with pytest.raises(ValueError, match="already compiled"):
+        optimized_for_inference(fast)  # a copy would still call the original's compiled forward
+
+    model.train()
+    compile_body(model, backend="eager")
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([1])} for _ in images]
+    sum(model(images, targets).values()).backward()
+    trained = [p for p in model.backbone.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None for p in trained)
+    assert all(p.grad is not None for p in model.neck.parameters())

@@ -68,6 +68,10 @@ def optimized_for_inference(model: nn.Module, channels_last: bool = True, fold_b
 
     The backbone is found as ``model.backbone`` (and ``model.rpn_network.backbone`` for the
     unshared Faster R-CNN); the copy's ``optimizations`` lists what was applied."""
+    if any(getattr(m, "_fpnlib_compiled", False) for m in model.modules()):
+        # a copied compiled forward would still run the original module's weights
+        raise ValueError("optimized_for_inference: the model's backbone or FPN is already compiled "
+                         "(compile_body); optimize first, then compile the copy")
     fast = copy.deepcopy(model).eval()
     applied = []
     if fold_bn:
@@ -99,6 +103,24 @@ def for_cuda_training(model: nn.Module) -> nn.Module:
             backbone.register_forward_pre_hook(_to_channels_last)
             backbone._fpnlib_channels_last = True
     return model
+
+
+def compile_body(model: nn.Module, backend: str = "inductor") -> list[str]:
+    """``model``, in place, with the ``forward`` of its backbone(s) and FPN(s) compiled by
+    ``torch.compile`` (static shapes: the bench's padded batch repeats). Only ``forward`` is
+    replaced: the modules, their parameters, state_dict and hooks stay as they were, so
+    checkpoints, the optimizer and the bench's per-stage hooks see the same model. Returns the
+    compiled parts' names. An option to measure (``python -m fpnlib bench --compile``), not a
+    default: on the 2-core CPU it gained nothing (``results/bench/ab/``)."""
+    compiled = []
+    for owner, prefix in ((model, ""), (getattr(model, "rpn_network", None), "rpn_network.")):
+        for name in ("backbone", "neck"):
+            part = getattr(owner, name, None) if owner is not None else None
+            if part is not None and not getattr(part, "_fpnlib_compiled", False):
+                part.forward = torch.compile(part.forward, backend=backend, dynamic=False)
+                part._fpnlib_compiled = True
+                compiled.append(prefix + name)
+    return compiled
 
 
 def _backbones(model: nn.Module) -> list[nn.Module]:
