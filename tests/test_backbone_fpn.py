@@ -337,3 +337,17 @@ def test_frozen_bn_under_inference_mode_leaves_training_working():
     y.sum().backward()
     assert torch.equal(x.grad, theirs.weight.reshape(1, -1, 1, 1).expand_as(x)
                        * (theirs.running_var + theirs.eps).rsqrt().reshape(1, -1, 1, 1))
+
+
+def test_frozen_bn_compiles_in_one_graph():
+    """Under ``torch.compile`` (``bench --compile``) the kept affine map is skipped: its cache key
+    (storage addresses, version counters) cannot be traced, and graph breaks there made Dynamo
+    recompile per layer until it gave up and ran the rest eagerly."""
+    import torch._dynamo as dynamo
+
+    ours, theirs = _frozen_pair()
+    x = torch.randn(2, 8, 5, 5)
+    ours(x)  # a kept map from an eager forward must not leak into the graph either
+    explained = dynamo.explain(ours)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    assert torch.equal(torch.compile(ours, backend="eager")(x), theirs(x))

@@ -35,7 +35,10 @@ class FrozenBatchNorm2d(_TorchvisionFrozenBN):
 
     def scale_and_shift(self) -> tuple[Tensor, Tensor]:
         """``(s, b)``, each ``[1, C, 1, 1]``, as torchvision computes them."""
-        key = None if self.weight.is_inference() else self._buffers_key()  # (no version counter there)
+        if torch.compiler.is_compiling():  # a compiled graph computes them in its fused kernels; no cache
+            key = None
+        else:
+            key = None if self.weight.is_inference() else self._buffers_key()  # (no version counter there)
         if key is not None and key == self._affine_key:
             return self._affine
         scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
