@@ -137,3 +137,27 @@ def test_targets_are_read_off_the_record():
     gpu = bench.targets(_record("cuda", {"r50_fpn_gpu": {"train": 1.6, "infer": 1.9}}, detector_over_body=1.4))
     assert [(t["measure"], t["met"]) for t in gpu] == [("train", True), ("infer", False),
                                                        ("detector / backbone+FPN", True)]
+
+
+def test_the_compile_arm_compiles_both_models_and_keeps_the_detections(tmp_path, monkeypatch):
+    """``bench --compile``: fpnlib's inference and training models both run their backbone and
+    FPN compiled, and the record says so. Dynamo's "eager" backend stands in for inductor here
+    (same tracing, no code generation, seconds instead of minutes)."""
+    from fpnlib.modeling import fast_inference
+
+    compiled = []
+    original = fast_inference.compile_body
+
+    def traced_only(model, backend="inductor"):
+        parts = original(model, backend="eager")
+        compiled.append((hasattr(model, "optimizations"), parts))  # only the inference copy has it
+        return parts
+
+    monkeypatch.setattr(fast_inference, "compile_body", traced_only)
+    with pytest.raises(ValueError, match="warmup"):
+        bench.bench(("tiny",), warmup=0, out_dir=tmp_path, compile=True)
+    r = bench.run_config("tiny", reps=1, warmup=1, memory=False, progress=False, compile=True)
+    assert compiled == [(True, ["backbone", "neck"]), (False, ["backbone", "neck"])]  # inference copy, trained model
+    assert r["fpnlib_inference_path"][-1] == r["fpnlib_training_path"][-1] == "torch.compile (backbone, neck)"
+    assert all(a == b for a, b in r["same_outputs"]["detections_per_image"]), r["same_outputs"]
+    assert r["same_outputs"]["max_box_difference_px"] <= BOX_TOLERANCE_PX
