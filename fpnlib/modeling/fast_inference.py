@@ -111,24 +111,28 @@ def compile_body(model: nn.Module, backend: str = "inductor") -> list[str]:
     replaced: the modules, their parameters, state_dict and hooks stay as they were, so
     checkpoints, the optimizer and the bench's per-stage hooks see the same model. Returns the
     compiled parts' names. An option to measure (``python -m fpnlib bench --compile``), not a
-    default: on the 2-core CPU it gained nothing (``results/bench/ab/``)."""
+    default: on the 2-core CPU training ran slower and inference gained nothing clear
+    (``results/bench/ab/``)."""
     compiled = []
-    for owner, prefix in ((model, ""), (getattr(model, "rpn_network", None), "rpn_network.")):
-        for name in ("backbone", "neck"):
-            part = getattr(owner, name, None) if owner is not None else None
-            if part is not None and not getattr(part, "_fpnlib_compiled", False):
-                part.forward = torch.compile(part.forward, backend=backend, dynamic=False)
-                part._fpnlib_compiled = True
-                compiled.append(prefix + name)
+    for name, part in _parts(model, ("backbone", "neck")):
+        if not getattr(part, "_fpnlib_compiled", False):
+            part.forward = torch.compile(part.forward, backend=backend, dynamic=False)
+            part._fpnlib_compiled = True
+            compiled.append(name)
     return compiled
 
 
-def _backbones(model: nn.Module) -> list[nn.Module]:
-    found = [model.backbone] if hasattr(model, "backbone") else []
-    rpn_network = getattr(model, "rpn_network", None)
-    if rpn_network is not None:
-        found.append(rpn_network.backbone)
+def _parts(model: nn.Module, names: tuple[str, ...]) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of each of ``names`` (e.g. ``backbone``) that ``model`` has, and that
+    its ``rpn_network`` has (the unshared Faster R-CNN's own RPN detector)."""
+    found = []
+    for owner, prefix in ((model, ""), (getattr(model, "rpn_network", None), "rpn_network.")):
+        found += [(prefix + n, getattr(owner, n)) for n in names if getattr(owner, n, None) is not None]
     return found
+
+
+def _backbones(model: nn.Module) -> list[nn.Module]:
+    return [m for _, m in _parts(model, ("backbone",))]
 
 
 def matched_fraction(a: Tensor, b: Tensor, tol: float = 1e-3) -> float:

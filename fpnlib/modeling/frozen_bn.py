@@ -35,10 +35,9 @@ class FrozenBatchNorm2d(_TorchvisionFrozenBN):
 
     def scale_and_shift(self) -> tuple[Tensor, Tensor]:
         """``(s, b)``, each ``[1, C, 1, 1]``, as torchvision computes them."""
-        if torch.compiler.is_compiling():  # a compiled graph computes them in its fused kernels; no cache
-            key = None
-        else:
-            key = None if self.weight.is_inference() else self._buffers_key()  # (no version counter there)
+        # no cache in a compiled graph (the key cannot be traced; the graph computes s and b in its
+        # kernels) nor for inference tensors (they have no version counter)
+        key = None if torch.compiler.is_compiling() or self.weight.is_inference() else self._buffers_key()
         if key is not None and key == self._affine_key:
             return self._affine
         scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + self.eps).rsqrt()
