@@ -18,10 +18,11 @@ on the GPU; host-to-device copies cannot be seen there.
 ``cuda_path=True`` counts what a CUDA step would do, on whatever device the step runs: the
 choices fpnlib makes for CUDA (grouped NMS, the RPN head's dense backward, every per-image
 piece in one thread) are switched on for the step. Backward operators are counted too
-(the autograd engine carries the dispatch mode into its threads). One CUDA choice cannot be
-made on a CPU: RoIAlign's Triton kernel (``pyramid_roi_align``) runs on CUDA only, so a CPU's
-count takes the per-level RoIAlign, whose read of the RoIs per level is one wait that a CUDA
-step with the kernel does not make.
+(the autograd engine carries the dispatch mode into its threads). Two CUDA choices cannot be
+made on a CPU, where Triton's kernels do not run: RoIAlign's kernel (``pyramid_roi_align``), so a
+CPU's count takes the per-level RoIAlign, whose read of the RoIs per level is one wait that a
+CUDA step with the kernel does not make; and grouped NMS's overlap kernel, so a CPU's count has
+the eager formula's operators, chunk by chunk, where CUDA launches one kernel.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # operators whose result the host must read before it can go on (a size or a value)
 WAITING_OPS = frozenset({
     "aten._local_scalar_dense.default",  # .item(), int(t), float(t), bool(t)
+    "aten.equal.default",  # torch.equal: a Python bool, read from the device
     "aten.nonzero.default",
     "aten.masked_select.default",
     "aten._unique2.default",

@@ -420,3 +420,18 @@ def test_a_batch_is_sampled_as_each_image_alone():
     assert torch.equal(keep, torch.cat(expected))
     assert drawn == [(128, 128), (10, 246), (0, 256)]
     assert torch.equal(g_batch.get_state(), g_alone.get_state())
+
+
+def test_a_cpu_generators_draws_reach_the_device_in_one_copy(monkeypatch):
+    # "meta" stands for the GPU. A seeded CPU generator draws the permutations on the CPU (the same
+    # subsets on any device); they are copied to the device once for the batch, not once per draw:
+    # each blocking copy from the host waits for the GPU's queue.
+    from fpnlib.host_work import count_host_work
+    from fpnlib.modeling import anchor_labels
+
+    labels = torch.stack([_make_labels(300, 500, seed=1), _make_labels(10, 790, seed=2), _make_labels(0, 800, seed=3)])
+    counts = anchor_labels.label_counts(labels)
+    monkeypatch.setattr(anchor_labels, "label_counts", lambda _: counts)  # a meta tensor holds no data to count
+    g, on_device = torch.Generator().manual_seed(7), labels.to("meta")
+    work = count_host_work(lambda: sample_batch(on_device, 256, 0.5, g), "meta")
+    assert work["waits_by_kind"] == {"aten._to_copy.default": 1}, work

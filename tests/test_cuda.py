@@ -218,6 +218,21 @@ def test_anchor_sampling_on_cuda_draws_the_right_subsets_reproducibly():
     assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
 
 
+def test_a_cpu_generator_draws_the_cpus_subsets_on_cuda_in_one_copy():
+    from fpnlib.host_work import count_host_work
+    from fpnlib.modeling.anchor_labels import sample_batch
+
+    labels = torch.randint(-1, 2, (3, 20000), generator=torch.Generator().manual_seed(0))
+    labels[1, :19990][labels[1, :19990] == 1] = 0  # an image with 10 positives at most
+    on_cpu = sample_batch(labels, 256, 0.5, torch.Generator().manual_seed(5))
+    on_gpu = sample_batch(labels.cuda(), 256, 0.5, torch.Generator().manual_seed(5))
+    assert on_gpu[1] == on_cpu[1] and torch.equal(on_gpu[0].cpu(), on_cpu[0])
+    # waits: the one read of the counts, and the one copy of the batch's permutations
+    on_device, g = labels.cuda(), torch.Generator().manual_seed(5)
+    work = count_host_work(lambda: sample_batch(on_device, 256, 0.5, g), "cuda")
+    assert work["waits"] == 2, work
+
+
 def test_roialign_of_all_levels_in_one_kernel_matches_torchvisions_on_cuda(monkeypatch):
     """``pyramid_roi_align`` (RoI extraction on CUDA) against torchvision's ``roi_align`` level by
     level (``FPNLIB_TRITON_ROI_ALIGN=0``), on channels_last maps of an R50-FPN's width, output

@@ -1,23 +1,26 @@
 """Counting a step's host work (``fpnlib.host_work``): operators and waits for the device.
 
-Counts, not times: they are exact on any machine. The last two tests hold fpnlib's training step
-to what its batched labelling and sampling give on the CUDA path: no wait per image, and a bounded
-number of operators per image.
+Counts, not times: they are exact on any machine. ``test_a_step_waits_once_per_batch_not_per_image``
+holds fpnlib's training and inference steps to what their batch-wide work gives on the CUDA path:
+no wait per image, and a bounded number of operators per image.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import replace
 
+import pytest
 import torch
 
 from fpnlib import bench
 from fpnlib.host_work import count_host_work
 
-# Operators an extra image adds to a tiny Faster R-CNN training step on the CUDA path: 79 with the
-# batched anchor labelling and RoI sampling (284 at a5ca6f0, where each image was labelled and
-# sampled on its own).
-OPS_PER_IMAGE_BOUND = 100
+# Operators an extra image adds to a tiny Faster R-CNN step on the CUDA path (batch 2 -> 4, per image).
+# Training: 34.5, with anchor labelling, RoI sampling and proposal selection done for the batch and
+# only the random draws made image by image (284 at a5ca6f0, where each image was labelled and
+# sampled on its own; 76 at 7584eac). Inference, `detect` from photos to boxes: 13, with proposal
+# selection, post-processing, preprocessing and the boxes' way back done for the batch (65.5 at 7584eac).
+OPS_PER_IMAGE_BOUND = {"train": 45, "infer": 20}
 
 
 def test_reads_of_data_are_counted_as_waits_and_nothing_else_is():
@@ -31,13 +34,14 @@ def test_reads_of_data_are_counted_as_waits_and_nothing_else_is():
         y.tolist()  # wait 2 (dispatches nothing on a CPU)
         y[y > 3]  # wait 3: a boolean mask calls nonzero
         torch.nonzero(y)  # wait 4
+        torch.equal(y, x)  # wait 5: a Python bool
 
     counts = count_host_work(step)
-    assert counts["waits"] == 4, counts
+    assert counts["waits"] == 5, counts
     assert counts["waits_by_kind"] == {"Tensor.tolist": 1, "aten._local_scalar_dense.default": 1,
-                                       "aten.index.Tensor": 1, "aten.nonzero.default": 1}
-    # mul, add, gt, nonzero_static, gt, scalar_tensor (the 0.0), where, sum, item, gt, index, nonzero
-    assert counts["ops"] == 12, counts
+                                       "aten.equal.default": 1, "aten.index.Tensor": 1, "aten.nonzero.default": 1}
+    # mul, add, gt, nonzero_static, gt, scalar_tensor (the 0.0), where, sum, item, gt, index, nonzero, equal
+    assert counts["ops"] == 13, counts
 
 
 def test_cuda_path_switches_are_restored():
@@ -48,20 +52,28 @@ def test_cuda_path_switches_are_restored():
     assert {k: os.environ.get(k) for k in before} == before
 
 
-def _train_step_counts(batch: int) -> dict:
+def _step_counts(batch: int, mode: str) -> dict:
     cfg = replace(bench.CONFIGS["tiny"], batch=batch)
     ours, theirs = bench.build_pair(cfg)
     images, targets = bench.synthetic_batch(cfg)
-    step = bench._steps(ours, theirs, cfg, images, targets, "cpu")["fpnlib"]["train"]
+    step = bench._steps(ours, theirs, cfg, images, targets, "cpu")["fpnlib"][mode]
     step()  # first step: lazily built state out of the count
     return count_host_work(step, cuda_path=True)
 
 
-def test_training_step_waits_once_per_batch_not_per_image():
-    two, four = _train_step_counts(2), _train_step_counts(4)
-    assert two["waits"] == four["waits"], (two["waits_by_kind"], four["waits_by_kind"])
-    assert four["waits"] <= 5, four["waits_by_kind"]
-    assert four["ops"] - two["ops"] <= 2 * OPS_PER_IMAGE_BOUND, (two["ops"], four["ops"])
+def _waits_but_convergence_tests(counts: dict) -> int:
+    """Waits other than grouped NMS's tests of convergence (``torch.equal``, one per two rounds),
+    whose number follows the longest chain of suppressions in the batch, not its size."""
+    return counts["waits"] - counts["waits_by_kind"].get("aten.equal.default", 0)
+
+
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_a_step_waits_once_per_batch_not_per_image(mode):
+    two, four = _step_counts(2, mode), _step_counts(4, mode)
+    assert _waits_but_convergence_tests(two) == _waits_but_convergence_tests(four), (
+        two["waits_by_kind"], four["waits_by_kind"])
+    assert _waits_but_convergence_tests(four) <= 5, four["waits_by_kind"]
+    assert four["ops"] - two["ops"] <= 2 * OPS_PER_IMAGE_BOUND[mode], (two["ops"], four["ops"])
 
 
 def test_copies_between_host_and_device_count_where_they_wait():

@@ -194,6 +194,35 @@ def test_boxes_go_back_to_the_original_pixels_as_torchvision_with_no_copy_to_the
     assert counts["waits"] == 0 and "aten._to_copy.default" not in counts["top_ops"], counts
 
 
+def test_a_batch_of_one_size_is_preprocessed_and_scaled_back_as_image_by_image():
+    g = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 240, 300, generator=g) for _ in range(3)]
+    inputs, sizes = preprocess(images, MIN_SIZE, MAX_SIZE)  # one stacked batch
+    assert sizes == [(240, 300)] * 3
+    for image, batched in zip(images, inputs, strict=True):
+        assert torch.equal(batched, preprocess([image], MIN_SIZE, MAX_SIZE)[0][0])
+    # the normalisation's statistics reach a device once ("meta" stands for the GPU): a copy
+    # from the host at every call would wait for the device's queue
+    on_device = [im.to("meta") for im in images]
+    preprocess(on_device, MIN_SIZE, MAX_SIZE)
+    assert count_host_work(lambda: preprocess(on_device, MIN_SIZE, MAX_SIZE), "meta")["waits"] == 0
+
+    # detect's boxes go back to each image's pixels in one call for the batch, as one by one
+    found = [torch.rand(n, 4, generator=g) * 300 for n in (5, 0, 7)]
+
+    class Fixed(nn.Module):  # a "detector" that returns the boxes above
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(1))
+
+        def forward(self, inputs):
+            return [{"boxes": b.clone(), "labels": torch.ones(len(b), dtype=torch.int64)} for b in found]
+
+    resized = tuple(inputs[0].shape[-2:])
+    for out, boxes in zip(detect(Fixed(), images, MIN_SIZE, MAX_SIZE), found, strict=True):
+        assert torch.equal(out["boxes"], boxes_to_original_size(boxes, resized, (240, 300)))
+
+
 def test_config_mirrors_torchvision_model():
     with torch.device("meta"):  # torchvision's defaults, no memory
         tv = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)

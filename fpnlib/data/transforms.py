@@ -141,10 +141,14 @@ class Normalize:
     def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.mean = torch.as_tensor(mean, dtype=torch.float32)
         self.std = torch.as_tensor(std, dtype=torch.float32)
+        self._moved: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, image, target=None):
-        mean = self.mean.to(image)[:, None, None]
-        std = self.std.to(image)[:, None, None]
+        """``image`` ``[..., 3, H, W]`` (one image or a batch)."""
+        key = (image.device, image.dtype)
+        if key not in self._moved:  # kept: on a GPU, each copy from the host waits for its queue
+            self._moved[key] = (self.mean.to(image)[:, None, None], self.std.to(image)[:, None, None])
+        mean, std = self._moved[key]
         return (image - mean) / std, target
 
     def __repr__(self) -> str:

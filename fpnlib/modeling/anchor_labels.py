@@ -175,7 +175,6 @@ def sample_anchors(
     num: int = 256,
     positive_fraction: float = 0.5,
     generator: torch.Generator | None = None,
-    counts: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Indices of the anchors that enter the RPN loss for one image (Sec. 5.1).
 
@@ -183,19 +182,9 @@ def sample_anchors(
     to ``num`` (Faster R-CNN pads with negatives when an image has few positives). Fewer
     available anchors give fewer indices. Subsets come from ``torch.randperm`` with
     ``generator``, so a seeded generator makes the draw reproducible.
-
-    ``counts``: the numbers of positives and negatives in ``labels``, when the caller already
-    read them (:func:`label_counts`, for a whole batch at once: on CUDA each read waits).
     """
-    if counts is None:
-        counts = label_counts(labels[None])[0]
-    n_pos, n_neg = counts
-    # nonzero_static: indices of a size known here, so no second wait on the GPU
-    positive = torch.nonzero_static(labels == POSITIVE, size=n_pos).flatten()
-    negative = torch.nonzero_static(labels == NEGATIVE, size=n_neg).flatten()
-    num_pos = min(int(num * positive_fraction), n_pos)
-    num_neg = min(num - num_pos, n_neg)
-    return _random_subset(positive, num_pos, generator), _random_subset(negative, num_neg, generator)
+    keep, [(num_pos, _)] = sample_batch(labels[None], num, positive_fraction, generator)
+    return keep[:num_pos], keep[num_pos:]
 
 
 def sample_batch(
@@ -208,23 +197,34 @@ def sample_batch(
     order, so the draws are the image-by-image ones; the counts are read in one wait.
 
     Returns the sampled indices into the flattened ``[B * A]`` labels, each row's positives then
-    its negatives, and each row's (positives, negatives) drawn (known on the host: no wait)."""
-    width, keep, drawn = labels.shape[-1], [], []
-    for i, counts in enumerate(label_counts(labels)):
-        pos, neg = sample_anchors(labels[i], num, positive_fraction, generator, counts)
-        keep += [pos + i * width, neg + i * width]
-        drawn.append((pos.numel(), neg.numel()))
-    return torch.cat(keep), drawn
+    its negatives, and each row's (positives, negatives) drawn (known on the host: no wait).
+
+    The permutations are drawn on the generator's device (a seeded CPU generator gives the same
+    subsets on a GPU as on a CPU) and reach the labels' device in one copy for the batch: on
+    CUDA each copy from the host waits for the GPU's queue.
+    """
+    device, counts = labels.device, label_counts(labels)
+    draw_on = generator.device if generator is not None else device
+    total_pos = sum(n_pos for n_pos, _ in counts)
+    # every row's positives, then every row's negatives, as indices into the flat labels, row by
+    # row (nonzero_static: a size known here, so no second wait on the GPU)
+    flat = labels.flatten()
+    candidates = torch.cat([torch.nonzero_static(flat == POSITIVE, size=total_pos).flatten(),
+                            torch.nonzero_static(flat == NEGATIVE, size=sum(n for _, n in counts)).flatten()])
+    picks, drawn, pos_start, neg_start = [], [], 0, total_pos
+    for n_pos, n_neg in counts:
+        num_pos = min(int(num * positive_fraction), n_pos)
+        num_neg = min(num - num_pos, n_neg)
+        picks += [torch.randperm(n_pos, generator=generator, device=draw_on)[:num_pos] + pos_start,
+                  torch.randperm(n_neg, generator=generator, device=draw_on)[:num_neg] + neg_start]
+        pos_start, neg_start = pos_start + n_pos, neg_start + n_neg
+        drawn.append((num_pos, num_neg))
+    if not drawn:
+        return torch.zeros(0, dtype=torch.int64, device=device), drawn
+    return candidates[torch.cat(picks).to(device)], drawn
 
 
 def label_counts(labels: Tensor) -> list[tuple[int, int]]:
     """(positives, negatives) of each row of ``labels`` ``[B, A]``, read in one wait."""
     both = torch.stack([(labels == POSITIVE).sum(-1), (labels == NEGATIVE).sum(-1)], dim=-1)
     return [(int(p), int(n)) for p, n in both.tolist()]
-
-
-def _random_subset(idx: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
-    # randperm must run on the generator's device; the result goes back to idx's device.
-    device = generator.device if generator is not None else idx.device
-    perm = torch.randperm(idx.numel(), generator=generator, device=device)[:k]
-    return idx[perm.to(idx.device)]

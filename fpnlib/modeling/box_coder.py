@@ -80,6 +80,21 @@ def clip_boxes(boxes: Tensor, image_hw: tuple[int, int]) -> Tensor:
     return clip_boxes_to_image(boxes, (image_hw[0], image_hw[1]))
 
 
+def clip_boxes_per_image(boxes: Tensor, image_hws: Sequence[tuple[int, int]],
+                         counts: Sequence[int] | None = None) -> Tensor:
+    """:func:`clip_boxes` of each image's boxes to its own size: ``boxes`` ``[N, ..., 4]`` with
+    image ``i`` in row ``i``, or, with ``counts``, ``[sum(counts), ..., 4]`` with the images'
+    boxes one after the other. A batch of one size (the usual case) is clipped in one call: on
+    CUDA each call is half a dozen operators launched from the host."""
+    if not image_hws:  # no image, no box
+        return boxes
+    if len(set(image_hws)) == 1:
+        return clip_boxes(boxes, image_hws[0])
+    parts = boxes.unbind(0) if counts is None else boxes.split(list(counts))
+    clipped = [clip_boxes(b, hw) for b, hw in zip(parts, image_hws, strict=True)]
+    return torch.stack(clipped) if counts is None else torch.cat(clipped)
+
+
 def usable_boxes(boxes: Tensor, min_size: float) -> Tensor:
     """Bool mask of the ``[..., 4]`` xyxy boxes that are finite and at least ``min_size`` wide and
     high (``torchvision.ops.remove_small_boxes`` as a mask, so a caller can combine it with its

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
-from .box_coder import FAST_RCNN_BOX_WEIGHTS, clip_boxes, decode, usable_boxes
+from .box_coder import FAST_RCNN_BOX_WEIGHTS, clip_boxes, clip_boxes_per_image, decode, usable_boxes
 from .group_nms import greedy_keep, use_group_nms
 from .parallel_pieces import map_pieces
 
@@ -71,24 +71,27 @@ def _detections_grouped(
     scores = torch.softmax(class_logits.float(), dim=-1)[:, 1:]
     rois = torch.cat(list(rois_per_image)).float() if counts else class_logits.new_zeros((0, 4))
     boxes = decode(box_deltas.float().reshape(-1, n_cls + 1, 4), rois[:, None, :], weights)[:, 1:]
-    boxes = torch.cat([clip_boxes(b, hw) for b, hw in zip(boxes.split(counts), image_hws)])
+    boxes = clip_boxes_per_image(boxes, image_hws, counts)
     scores = scores.masked_fill(~((scores > score_thresh) & usable_boxes(boxes, min_size)), float("-inf"))
 
     def by_class(x: Tensor, fill) -> Tensor:  # [R, K, ...] -> [N * K, width, ...], padded with fill
+        if len(set(counts)) == 1:  # images with as many RoIs each (the usual case): no padding
+            return x.unflatten(0, (n_img, width)).transpose(1, 2).flatten(0, 1)
         out = x.new_full((n_img, width) + x.shape[1:], fill)
         for i, part in enumerate(x.split(counts)):
             out[i, :part.shape[0]] = part
         return out.transpose(1, 2).flatten(0, 1)
 
     group_scores = by_class(scores, float("-inf"))
-    sizes = torch.isfinite(group_scores).sum(dim=1).tolist()  # wait: which groups, how wide
-    groups = [g for g, size in enumerate(sizes) if size]
-    n = max(sizes, default=0)
+    group_sizes = torch.isfinite(group_scores).sum(dim=1)
+    sizes = group_sizes.tolist()  # wait: which groups, how wide
+    n, n_groups = max(sizes, default=0), sum(size > 0 for size in sizes)
     empty = {"boxes": boxes.new_zeros((0, 4)), "scores": scores.new_zeros((0,)),
              "labels": torch.zeros((0,), dtype=torch.int64, device=scores.device)}
     if n == 0:
         return [dict(empty) for _ in range(n_img)]
-    rows = torch.tensor(groups, device=scores.device)
+    # the groups' rows, found on the device: a list of them copied from the host would wait
+    rows = torch.nonzero_static(group_sizes > 0, size=n_groups).flatten()
     top, pos = group_scores[rows].sort(dim=1, descending=True, stable=True)
     top, pos = top[:, :n], pos[:, :n]
     top_boxes = torch.take_along_dim(by_class(boxes, 0.0)[rows], pos[..., None], dim=1)
@@ -100,12 +103,12 @@ def _detections_grouped(
     kept_boxes[rows] = top_boxes
     best = kept.view(n_img, -1).argsort(dim=1, descending=True, stable=True)[:, :detections_per_img]
     found = torch.isfinite(kept).view(n_img, -1).sum(dim=1).clamp(max=detections_per_img).tolist()  # wait
-    out = []
-    for i, count in enumerate(found):
-        b = best[i, :count]
-        out.append({"boxes": kept_boxes.view(n_img, -1, 4)[i, b], "scores": kept.view(n_img, -1)[i, b],
-                    "labels": torch.div(b, n, rounding_mode="floor") + 1})
-    return out
+    # gathered for all images at once; each image then takes its first `found` rows (views)
+    best_boxes = torch.take_along_dim(kept_boxes.view(n_img, -1, 4), best[..., None], dim=1)
+    best_scores = torch.take_along_dim(kept.view(n_img, -1), best, dim=1)
+    best_labels = torch.div(best, n, rounding_mode="floor") + 1
+    return [{"boxes": b[:count], "scores": sc[:count], "labels": lab[:count]}
+            for b, sc, lab, count in zip(best_boxes.unbind(0), best_scores.unbind(0), best_labels.unbind(0), found)]
 
 
 @torch.no_grad()

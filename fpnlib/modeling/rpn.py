@@ -15,6 +15,7 @@ One function per step:
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 from .anchor_labels import POSITIVE, label_anchors_batch, padded, sample_batch
-from .box_coder import clip_boxes, decode, encode, usable_boxes
+from .box_coder import clip_boxes, clip_boxes_per_image, decode, encode, usable_boxes
 from .group_nms import grouped_nms, use_group_nms
 from .parallel_pieces import map_pieces
 from .rpn_head_grad import head_with_sampled_backward, sparse_backward_applies
@@ -260,15 +261,14 @@ def _proposals_grouped(
     ``boxes`` [N, K, 4] and ``logits`` [N, K] hold the levels one after the other, ``level_sizes``
     entries each."""
     n_img, n_lvl, width = boxes.shape[0], len(level_sizes), max(level_sizes)
-    boxes = torch.stack([clip_boxes(b, hw) for b, hw in zip(boxes, image_hws)])
+    boxes = clip_boxes_per_image(boxes, image_hws)
     valid = usable_boxes(boxes, min_size) & torch.isfinite(logits)
     ranking = logits.sigmoid() if rank_by_probability else logits
+    slots = _level_slots(tuple(level_sizes), width, str(boxes.device))
 
     def by_level(x: Tensor, fill) -> Tensor:  # [N, K, ...] -> [N * levels, width, ...], padded with fill
-        out = x.new_full((n_img, n_lvl, width) + x.shape[2:], fill)
-        for lvl, part in enumerate(x.split(list(level_sizes), dim=1)):
-            out[:, lvl, :part.shape[1]] = part
-        return out.flatten(0, 1)
+        out = x.new_full((n_img, n_lvl * width) + x.shape[2:], fill)
+        return out.index_copy_(1, slots, x).view((n_img * n_lvl, width) + x.shape[2:])
 
     boxes, ranking, logits = by_level(boxes, 0.0), by_level(ranking, 0.0), by_level(logits, 0.0)
     order, keep = grouped_nms(boxes, ranking, by_level(valid, False), nms_thresh)
@@ -278,12 +278,21 @@ def _proposals_grouped(
     best = kept_rank.view(n_img, -1).argsort(dim=1, descending=True, stable=True)[:, :post_nms_top_n]
     slot = torch.take_along_dim(slot, best, dim=1)
     counts = keep.view(n_img, -1).sum(dim=1).clamp(max=post_nms_top_n).tolist()  # the one wait for counts
-    flat_boxes, flat_logits = boxes.view(n_img, -1, 4), logits.view(n_img, -1)
-    out = []
-    for i, count in enumerate(counts):
-        s = slot[i, :count]
-        out.append((flat_boxes[i, s], flat_logits[i, s].sigmoid(), torch.div(s, width, rounding_mode="floor")))
-    return out
+    # gathered for all images at once; each image then takes its first `count` rows (views)
+    top_boxes = torch.take_along_dim(boxes.view(n_img, -1, 4), slot[..., None], dim=1)
+    top_logits = torch.take_along_dim(logits.view(n_img, -1), slot, dim=1)
+    top_levels = torch.div(slot, width, rounding_mode="floor")
+    # sigmoid per image, as the per-image path: a CPU's vector loop and its scalar tail round
+    # some values differently, so where an element falls would change its last bit
+    return [(b[:count], sc[:count].sigmoid(), lv[:count])
+            for b, sc, lv, count in zip(top_boxes.unbind(0), top_logits.unbind(0), top_levels.unbind(0), counts)]
+
+
+@functools.lru_cache(maxsize=16)
+def _level_slots(level_sizes: tuple[int, ...], width: int, device: str) -> Tensor:
+    """``[sum(level_sizes)]``: where each of the levels' entries, one level after the other,
+    lies in a layout of one row of ``width`` per level (made once per pyramid shape)."""
+    return torch.cat([torch.arange(size, device=device) + lvl * width for lvl, size in enumerate(level_sizes)])
 
 
 @torch.no_grad()

@@ -66,6 +66,8 @@ __all__ = [
 # with FrozenBN eps = 0, and torchvision loads it with overwrite_eps(model, 0.0).
 COCO_V1_FILE_PREFIX = "fasterrcnn_resnet50_fpn_coco-"
 
+_NORMALIZE = Normalize()  # one for all calls: it keeps its statistics on each device it meets
+
 # torchvision key prefix <-> fpnlib key prefix: the whole conversion, read in both directions.
 _PREFIXES = (
     ("backbone.body.", "backbone."),  # ResNet: torchvision's names in both (conv1, bn1, layer1..4)
@@ -224,14 +226,16 @@ def load_torchvision_faster_rcnn(path: str | os.PathLike, num_classes: int | Non
 
 
 def resize_like_torchvision(image: Tensor, min_size: int = 800, max_size: int = 1333) -> Tensor:
-    """Resize ``[C, H, W]`` bilinearly so the shorter side is ``min_size`` unless the longer
-    would pass ``max_size`` (Sec. 5.1's 800 px; 1333 is Detectron's cap). As
-    ``GeneralizedRCNNTransform``, the scale is one factor for both axes and each output side is
-    ``floor(side * scale)`` (fpnlib's ``ResizeShorterSide`` rounds, so may differ by 1 px)."""
+    """Resize ``[C, H, W]`` (or a batch ``[N, C, H, W]`` of one size) bilinearly so the shorter
+    side is ``min_size`` unless the longer would pass ``max_size`` (Sec. 5.1's 800 px; 1333 is
+    Detectron's cap). As ``GeneralizedRCNNTransform``, the scale is one factor for both axes and
+    each output side is ``floor(side * scale)`` (fpnlib's ``ResizeShorterSide`` rounds, so may
+    differ by 1 px)."""
     h, w = image.shape[-2:]
     scale = min(min_size / min(h, w), max_size / max(h, w))
-    return F.interpolate(image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
-                         align_corners=False)[0]
+    batch = image if image.dim() == 4 else image[None]
+    out = F.interpolate(batch, scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False)
+    return out if image.dim() == 4 else out[0]
 
 
 def _as_float_images(images) -> list[Tensor]:
@@ -253,9 +257,10 @@ def preprocess(images, min_size: int = 800, max_size: int = 1333) -> tuple[list[
     RGB in [0, 1] (float) or uint8, a list of them or an ``[N, 3, H, W]`` tensor.
     Returns the model's input images and the original ``(H, W)`` of each."""
     images = _as_float_images(images)
-    normalize = Normalize()
     sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-    return [resize_like_torchvision(normalize(im)[0], min_size, max_size) for im in images], sizes
+    if len({(im.shape, im.device, im.dtype) for im in images}) == 1:  # one size: one batch, same values
+        return list(resize_like_torchvision(_NORMALIZE(torch.stack(images))[0], min_size, max_size).unbind(0)), sizes
+    return [resize_like_torchvision(_NORMALIZE(im)[0], min_size, max_size) for im in images], sizes
 
 
 @torch.no_grad()
@@ -274,8 +279,14 @@ def detect(model: FasterRCNN, images, min_size: int = 800, max_size: int = 1333,
     inputs, sizes = preprocess(images, min_size, max_size)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
         outputs = model([im.to(device) for im in inputs])
-    for out, im, size in zip(outputs, inputs, sizes):
-        out["boxes"] = boxes_to_original_size(out["boxes"], tuple(im.shape[-2:]), size)
+    scales = [(tuple(im.shape[-2:]), size) for im, size in zip(inputs, sizes)]
+    if len(set(scales)) == 1:  # one scale for all: one call for the batch (each is a few operators)
+        scaled = boxes_to_original_size(torch.cat([out["boxes"] for out in outputs]), *scales[0])
+        boxes = scaled.split([len(out["boxes"]) for out in outputs])
+    else:
+        boxes = [boxes_to_original_size(out["boxes"], *scale) for out, scale in zip(outputs, scales)]
+    for out, b in zip(outputs, boxes):
+        out["boxes"] = b
     return outputs
 
 
