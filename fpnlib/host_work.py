@@ -17,7 +17,7 @@ on the GPU; host-to-device copies cannot be seen there.
 
 ``cuda_path=True`` counts what a CUDA step would do, on whatever device the step runs: the
 choices fpnlib makes for CUDA (grouped NMS, the RPN head's dense backward, every per-image
-piece in one thread) are switched on for the step. Backward operators are counted too
+piece in one thread, images of one size preprocessed as one batch) are switched on for the step. Backward operators are counted too
 (the autograd engine carries the dispatch mode into its threads). Two CUDA choices cannot be
 made on a CPU, where Triton's kernels do not run: RoIAlign's kernel (``pyramid_roi_align``), so a
 CPU's count takes the per-level RoIAlign, whose read of the RoIs per level is one wait that a
@@ -46,7 +46,7 @@ WAITING_OPS = frozenset({
     "aten.repeat_interleave.Tensor",
 })
 _MASK_INDEXED = ("aten.index.Tensor", "aten.index_put.default", "aten.index_put_.default", "aten._index_put_impl_.default")
-_CUDA_PATH_ENV = {"FPNLIB_GROUP_NMS": "1", "FPNLIB_SPARSE_RPN_GRAD": "0"}
+_CUDA_PATH_ENV = {"FPNLIB_GROUP_NMS": "1", "FPNLIB_SPARSE_RPN_GRAD": "0", "FPNLIB_BATCH_PREPROCESS": "1"}
 
 
 def _is_wait(name: str, args, kwargs, device_type: str) -> bool:

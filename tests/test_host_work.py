@@ -45,10 +45,10 @@ def test_reads_of_data_are_counted_as_waits_and_nothing_else_is():
 
 
 def test_cuda_path_switches_are_restored():
-    before = {k: os.environ.get(k) for k in ("FPNLIB_GROUP_NMS", "FPNLIB_SPARSE_RPN_GRAD")}
+    before = {k: os.environ.get(k) for k in ("FPNLIB_GROUP_NMS", "FPNLIB_SPARSE_RPN_GRAD", "FPNLIB_BATCH_PREPROCESS")}
     seen = {}
     count_host_work(lambda: seen.update({k: os.environ.get(k) for k in before}), cuda_path=True)
-    assert seen == {"FPNLIB_GROUP_NMS": "1", "FPNLIB_SPARSE_RPN_GRAD": "0"}
+    assert seen == {"FPNLIB_GROUP_NMS": "1", "FPNLIB_SPARSE_RPN_GRAD": "0", "FPNLIB_BATCH_PREPROCESS": "1"}
     assert {k: os.environ.get(k) for k in before} == before
 
 

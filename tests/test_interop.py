@@ -194,9 +194,15 @@ def test_boxes_go_back_to_the_original_pixels_as_torchvision_with_no_copy_to_the
     assert counts["waits"] == 0 and "aten._to_copy.default" not in counts["top_ops"], counts
 
 
-def test_a_batch_of_one_size_is_preprocessed_and_scaled_back_as_image_by_image():
+def test_a_batch_of_one_size_is_preprocessed_and_scaled_back_as_image_by_image(monkeypatch):
+    from fpnlib.modeling.torchvision_interop import _as_one_batch
+
     g = torch.Generator().manual_seed(1)
     images = [torch.rand(3, 240, 300, generator=g) for _ in range(3)]
+    # one batch off the CPU only (a CPU is faster image by image), unless switched on
+    assert not _as_one_batch(images) and _as_one_batch([im.to("meta") for im in images])
+    monkeypatch.setenv("FPNLIB_BATCH_PREPROCESS", "1")
+    assert _as_one_batch(images) and not _as_one_batch([images[0], images[1][:, :200]])
     inputs, sizes = preprocess(images, MIN_SIZE, MAX_SIZE)  # one stacked batch
     assert sizes == [(240, 300)] * 3
     for image, batched in zip(images, inputs, strict=True):

@@ -258,9 +258,20 @@ def preprocess(images, min_size: int = 800, max_size: int = 1333) -> tuple[list[
     Returns the model's input images and the original ``(H, W)`` of each."""
     images = _as_float_images(images)
     sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-    if len({(im.shape, im.device, im.dtype) for im in images}) == 1:  # one size: one batch, same values
+    if _as_one_batch(images):  # the same values as image by image
         return list(resize_like_torchvision(_NORMALIZE(torch.stack(images))[0], min_size, max_size).unbind(0)), sizes
     return [resize_like_torchvision(_NORMALIZE(im)[0], min_size, max_size) for im in images], sizes
+
+
+def _as_one_batch(images: list[Tensor]) -> bool:
+    """Whether :func:`preprocess` takes ``images`` as one batch: they have one size and lie off the
+    CPU (on a GPU each operator is launched once for the batch), or ``FPNLIB_BATCH_PREPROCESS=1``
+    (``fpnlib.host_work`` counts the CUDA path on a CPU). A CPU is faster image by image (measured
+    on the bench's batches): the stacked copy and the batch-sized results cost it more than the
+    calls they save."""
+    switch = os.environ.get("FPNLIB_BATCH_PREPROCESS", "")
+    off_cpu = switch == "1" or (switch != "0" and images[0].device.type != "cpu")
+    return off_cpu and len({(im.shape, im.device, im.dtype) for im in images}) == 1
 
 
 @torch.no_grad()
