@@ -460,7 +460,7 @@ def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", 
             "speedup_fpnlib_over_torchvision": round(med["torchvision"] / med["fpnlib"], 3),
         }
         # operators and waits for the device of one step; fpnlib's counted on its CUDA path
-        record[mode]["host_work"] = {lib: count_host_work(steps[lib][mode], device, cuda_path=lib == "fpnlib")
+        record[mode]["host_work"] = {lib: count_host_work(steps[lib][mode], device, cuda_path=lib == "fpnlib", warmup=1)
                                      for lib in ("fpnlib", "torchvision")}
         model = fast if mode == "infer" else ours
         record[mode]["fpnlib_stages"] = stage_breakdown(model, steps["fpnlib"][mode], max(3, reps // 2), device)

@@ -127,18 +127,24 @@ def _cuda_path():
                 os.environ[k] = v
 
 
-def count_host_work(step: Callable[[], object], device: torch.device | str = "cpu", cuda_path: bool = False) -> dict:
+def count_host_work(step: Callable[[], object], device: torch.device | str = "cpu", cuda_path: bool = False,
+                    warmup: int = 0) -> dict:
     """Run ``step()`` once and count the operators it dispatched and the waits for the device.
 
     Returns ``{"ops": n, "waits": n, "waits_by_kind": {...}, "top_ops": {op: n, ... 10 most
     frequent}}``. On a CPU, per-image pieces run in one thread while counting (a dispatch mode
-    does not reach other threads), which changes no result (``parallel_pieces``).
+    does not reach other threads), which changes no result (``parallel_pieces``). ``warmup``
+    steps run first on the same path, uncounted: state a path builds once and keeps (cached
+    anchors, NMS layouts) stays out of the count, as it does from a warm GPU's steps.
     """
     counter = _Counter(torch.device(device).type)
     from fpnlib.modeling.parallel_pieces import sequential
 
-    with (_cuda_path() if cuda_path else sequential()), _wrapped_host_reads(counter), counter:
-        step()
+    with _cuda_path() if cuda_path else sequential():
+        for _ in range(warmup):
+            step()
+        with _wrapped_host_reads(counter), counter:
+            step()
     return {"ops": sum(counter.ops.values()), "waits": sum(counter.waits.values()),
             "waits_by_kind": dict(sorted(counter.waits.items())),
             "top_ops": dict(counter.ops.most_common(10))}

@@ -15,12 +15,14 @@ import torch
 from fpnlib import bench
 from fpnlib.host_work import count_host_work
 
-# Operators an extra image adds to a tiny Faster R-CNN step on the CUDA path (batch 2 -> 4, per image).
-# Training: 34.5, with anchor labelling, RoI sampling and proposal selection done for the batch and
-# only the random draws made image by image (284 at a5ca6f0, where each image was labelled and
-# sampled on its own; 76 at 7584eac). Inference, `detect` from photos to boxes: 13, with proposal
-# selection, post-processing, preprocessing and the boxes' way back done for the batch (65.5 at 7584eac).
-OPS_PER_IMAGE_BOUND = {"train": 45, "infer": 20}
+# Operators an extra image adds to a tiny Faster R-CNN step on the CUDA path (batch 2 -> 4, per image,
+# after a warm-up step on the same path). Training: 40, with anchor labelling, RoI sampling and
+# proposal selection done for the batch and only the random draws made image by image (284 at
+# a5ca6f0, where each image was labelled and sampled on its own; 76 at 7584eac). Inference, `detect`
+# from photos to boxes: 18.5, with proposal selection, post-processing, preprocessing and the boxes'
+# way back done for the batch (65.5 at 7584eac). The bounds leave room for grouped NMS's rounds,
+# whose number follows the data.
+OPS_PER_IMAGE_BOUND = {"train": 50, "infer": 25}
 
 
 def test_reads_of_data_are_counted_as_waits_and_nothing_else_is():
@@ -57,8 +59,7 @@ def _step_counts(batch: int, mode: str) -> dict:
     ours, theirs = bench.build_pair(cfg)
     images, targets = bench.synthetic_batch(cfg)
     step = bench._steps(ours, theirs, cfg, images, targets, "cpu")["fpnlib"][mode]
-    step()  # first step: lazily built state out of the count
-    return count_host_work(step, cuda_path=True)
+    return count_host_work(step, cuda_path=True, warmup=1)  # lazily built state out of the count
 
 
 def _waits_but_convergence_tests(counts: dict) -> int:
