@@ -201,12 +201,12 @@ def test_a_batch_of_one_size_is_preprocessed_and_scaled_back_as_image_by_image(m
     images = [torch.rand(3, 240, 300, generator=g) for _ in range(3)]
     # one batch off the CPU only (a CPU is faster image by image), unless switched on
     assert not _as_one_batch(images) and _as_one_batch([im.to("meta") for im in images])
+    one_by_one, sizes = preprocess(images, MIN_SIZE, MAX_SIZE)
     monkeypatch.setenv("FPNLIB_BATCH_PREPROCESS", "1")
     assert _as_one_batch(images) and not _as_one_batch([images[0], images[1][:, :200]])
-    inputs, sizes = preprocess(images, MIN_SIZE, MAX_SIZE)  # one stacked batch
-    assert sizes == [(240, 300)] * 3
-    for image, batched in zip(images, inputs, strict=True):
-        assert torch.equal(batched, preprocess([image], MIN_SIZE, MAX_SIZE)[0][0])
+    inputs, batched_sizes = preprocess(images, MIN_SIZE, MAX_SIZE)  # one stacked batch
+    assert sizes == batched_sizes == [(240, 300)] * 3
+    assert all(torch.equal(a, b) for a, b in zip(inputs, one_by_one, strict=True))
     # the normalisation's statistics reach a device once ("meta" stands for the GPU): a copy
     # from the host at every call would wait for the device's queue
     on_device = [im.to("meta") for im in images]
