@@ -429,14 +429,16 @@ def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", 
     from fpnlib.modeling.fast_inference import compile_body, for_cuda_training, optimized_for_inference
     from fpnlib.host_work import count_host_work
     from fpnlib.modeling import pyramid_roi_align, rpn_head_grad
-    from fpnlib.modeling.group_nms import path_note
+    from fpnlib.modeling import guessed_sizes
+    from fpnlib.modeling.group_nms import path_note, use_group_nms
 
     fast = optimized_for_inference(ours)
     cuda = device.startswith("cuda")
     compiled = [f"torch.compile ({', '.join(compile_body(fast))})"] if compile else []
     record = {"config": asdict(cfg), "device": device, "reps": reps, "warmup": warmup,
               "fpnlib_inference_path": list(fast.optimizations) + (["bf16 autocast"] if cuda else [])
-              + [path_note(device)] + ([pyramid_roi_align.path_note(device)] if cuda else []) + compiled,
+              + [path_note(device)] + ([guessed_sizes.path_note()] if use_group_nms(device) else [])
+              + ([pyramid_roi_align.path_note(device)] if cuda else []) + compiled,
               "fpnlib_training_path": (["bf16 autocast", "channels_last", "cudnn.benchmark",
                                         pyramid_roi_align.path_note(device)] if cuda
                                        else ["float32, NCHW; RoIAlign and NMS per image on the CPU's threads (parallel_pieces)",

@@ -17,9 +17,10 @@ on the GPU; host-to-device copies cannot be seen there.
 
 ``cuda_path=True`` counts what a CUDA step would do, on whatever device the step runs: the
 choices fpnlib makes for CUDA (grouped NMS, the RPN head's dense backward, every per-image
-piece in one thread, images of one size preprocessed as one batch) are switched on for the
-step. Backward operators are counted too (the autograd engine carries the dispatch mode into
-its threads). Two CUDA choices cannot be made on a CPU, where Triton's kernels do not run:
+piece in one thread, images of one size preprocessed as one batch, and with grouped NMS the
+sizes of inference guessed, ``guessed_sizes``) are switched on for the step. Backward
+operators are counted too (the autograd engine carries the dispatch mode into its threads).
+Two CUDA choices cannot be made on a CPU, where Triton's kernels do not run:
 RoIAlign's kernel (``pyramid_roi_align``), so a CPU's count takes the per-level RoIAlign, whose
 read of the RoIs per level is one wait that a CUDA step with the kernel does not make; and
 grouped NMS's overlap kernel, so a CPU's count has the eager formula's operators, chunk by

@@ -277,3 +277,21 @@ def test_roialign_of_all_levels_in_one_kernel_matches_torchvisions_on_cuda(monke
             assert a.dtype == b.dtype == dtype and b.abs().sum() > 0
             torch.testing.assert_close(a.float(), b.float(), **tol)
         assert count_host_work(lambda: pool(grad=False), device="cuda")["waits"] == 0
+
+
+def test_guessed_sizes_give_the_read_ones_and_inference_waits_once_on_cuda(monkeypatch):
+    from fpnlib.host_work import count_host_work
+    from fpnlib.modeling.fast_inference import optimized_for_inference
+    from fpnlib.modeling.torchvision_interop import detect
+
+    model, images = _model_and_images()
+    fast = optimized_for_inference(model)
+    monkeypatch.setenv("FPNLIB_GUESS_SIZES", "0")
+    read = detect(fast, images, 96, 128)
+    monkeypatch.setenv("FPNLIB_GUESS_SIZES", "1")
+    guessed = [detect(fast, images, 96, 128) for _ in range(3)]  # the first ones may learn
+    for outputs in guessed:
+        for a, b in zip(read, outputs, strict=True):
+            assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+    work = count_host_work(lambda: detect(fast, images, 96, 128), "cuda")
+    assert work["waits"] == 1, work  # the detections' counts, read with every guess's check

@@ -20,8 +20,8 @@ from fpnlib.host_work import count_host_work
 # proposal selection done for the batch and only the random draws made image by image (284 at
 # a5ca6f0, where each image was labelled and sampled on its own; 76 at 7584eac). Inference, `detect`
 # from photos to boxes: 18.5, with proposal selection, post-processing, preprocessing and the boxes'
-# way back done for the batch (65.5 at 7584eac). The bounds leave room for grouped NMS's rounds,
-# whose number follows the data.
+# way back done for the batch (65.5 at 7584eac; 18.0 with its sizes guessed, `guessed_sizes`).
+# The bounds leave room for grouped NMS's rounds, whose number follows the data.
 OPS_PER_IMAGE_BOUND = {"train": 50, "infer": 25}
 
 

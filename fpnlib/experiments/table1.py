@@ -15,7 +15,7 @@ deviations and ``DEVIATIONS`` lists them.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,8 +24,9 @@ from fpnlib.config import get_preset
 from fpnlib.data.coco import load_coco_split
 from fpnlib.data.transforms import build_transforms
 from fpnlib.engine.inference import evaluate_proposals
-from fpnlib.engine.train import Schedule, derive_seed, shortened, train
-from fpnlib.experiments.tables import Claim, RowJob, check_claims, reuse_evaluated, final_losses, render_table, run_rows
+from fpnlib.engine.train import Schedule, derive_seed, train
+from fpnlib.experiments.tables import (Claim, RowJob, check_claims, final_losses, render_table, reuse_evaluated,
+                                      row_schedule, run_rows)
 from fpnlib.modeling.anchors import count_anchors
 from fpnlib.modeling.detectors import build_rpn_detector
 
@@ -94,8 +95,7 @@ ROW_LR = {"cpu": {"p2_only": 0.005}}
 
 def schedule_for(variant: str, preset: str, iterations: int | None = None) -> Schedule:
     """The row's schedule: the preset's (cut to ``iterations`` if given), at ``ROW_LR``'s rate if listed."""
-    s = shortened(BUDGETS[preset].schedule, iterations)
-    return replace(s, lr=ROW_LR[preset][variant]) if variant in ROW_LR.get(preset, {}) else s
+    return row_schedule(BUDGETS[preset].schedule, ROW_LR, variant, preset, iterations)
 
 
 def build_row(variant: str, preset: str, seed: int = 0):

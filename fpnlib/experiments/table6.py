@@ -20,8 +20,9 @@ from fpnlib.config import get_preset
 from fpnlib.data.coco import load_coco_split
 from fpnlib.data.transforms import boxes_to_original, build_transforms, collate_fn
 from fpnlib.engine.evaluate import segment_proposal_recall
-from fpnlib.engine.train import Schedule, _to, derive_seed, shortened, train
-from fpnlib.experiments.tables import Claim, RowJob, check_claims, reuse_evaluated, final_losses, render_table, run_rows
+from fpnlib.engine.train import Schedule, _to, derive_seed, train
+from fpnlib.experiments.tables import (Claim, RowJob, check_claims, final_losses, render_table, reuse_evaluated,
+                                      row_schedule, run_rows)
 from fpnlib.modeling.segment_proposals import SegmentProposalNet, build_segment_model, paste_masks
 
 # the paper's row text -> our row
@@ -84,9 +85,7 @@ ROW_LR = {"cpu": {"dual_2x_mask": 0.01}}
 def schedule_for(variant: str, preset: str, iterations: int | None = None) -> Schedule:
     """The row's schedule: the preset's (cut to ``iterations`` if given); ``dual_2x_train`` runs it twice as long,
     with its lr step at the same fraction; ``ROW_LR`` lowers a row's rate where it diverged."""
-    s = shortened(BUDGETS[preset].schedule, iterations)
-    if variant in ROW_LR.get(preset, {}):
-        s = replace(s, lr=ROW_LR[preset][variant])
+    s = row_schedule(BUDGETS[preset].schedule, ROW_LR, variant, preset, iterations)
     if variant == "dual_2x_train":
         s = replace(s, iterations=2 * s.iterations, steps=tuple(2 * step for step in s.steps))
     return s

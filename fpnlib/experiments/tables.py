@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 # Differences below this many points (AR or AP) are called inconclusive: on a val split of a
@@ -102,6 +102,15 @@ class RowJob:
 
     def __call__(self, variant: str) -> dict:
         return self.fn(variant, out_dir=Path(self.runs_dir) / variant, **self.kwargs)
+
+
+def row_schedule(schedule, row_lr: dict, variant: str, preset: str, iterations: int | None = None):
+    """A row's ``Schedule``: ``schedule`` cut to ``iterations`` (if given), at the rate ``row_lr``
+    (preset -> row -> lr) lists for the row on ``preset``, where a row needed a lower one."""
+    from fpnlib.engine.train import shortened
+
+    s = shortened(schedule, iterations)
+    return replace(s, lr=row_lr[preset][variant]) if variant in row_lr.get(preset, {}) else s
 
 
 def share_cores(processes: int) -> int:

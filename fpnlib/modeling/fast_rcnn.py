@@ -24,6 +24,8 @@ from .backbone import ResNetBackbone
 from .box_head import Conv5Head, FastRCNNPredictor, TwoFCHead, fast_rcnn_losses
 from .detectors import _NECK_SWITCHES, batch_images
 from .fpn import FPN
+from .group_nms import use_group_nms
+from .guessed_sizes import with_guessed_sizes
 from .postprocess import detections_from_head
 from .roi_extraction import ROI_LEVELS, pyramid_roi_features
 from .roi_sampling import sample_rois_batch
@@ -117,8 +119,11 @@ class FastRCNN(nn.Module):
             return fast_rcnn_losses(logits, deltas, torch.cat([s.labels for s in sampled]),
                                     torch.cat([s.regression_targets for s in sampled]))
         logits, deltas = self.predictor(self.head(self.roi_features(maps, list(proposals))))
-        return detections_from_head(logits, deltas, list(proposals), hws, self.cfg.score_thresh,
-                                    self.cfg.nms_thresh, self.cfg.detections_per_img)
+        # on the grouped-NMS path the widest class group and NMS's rounds are guessed
+        return with_guessed_sizes(lambda: detections_from_head(logits, deltas, list(proposals), hws,
+                                                               self.cfg.score_thresh, self.cfg.nms_thresh,
+                                                               self.cfg.detections_per_img),
+                                  use_group_nms(batch.device))
 
     def _sample(self, proposals: list[Tensor], targets: list[dict]) -> list:
         """Each image's RoI minibatch (``roi_sampling``), all images labelled at once."""

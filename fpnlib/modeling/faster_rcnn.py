@@ -29,6 +29,8 @@ from torch import Tensor
 from .box_head import fast_rcnn_losses
 from .detectors import RPNDetector, RPNDetectorConfig, batch_images, build_rpn
 from .fast_rcnn import FastRCNN, FastRCNNConfig
+from .group_nms import use_group_nms
+from .guessed_sizes import with_guessed_sizes
 from .postprocess import detections_from_head
 from .rpn import RPN, RPNConfig
 
@@ -100,10 +102,14 @@ class FasterRCNN(FastRCNN):
         maps = self._maps(batch)
         rpn_maps = self._rpn_maps(batch, maps)
         if not self.training:
-            proposals = [p[0] for p in self.rpn(rpn_maps, hws)[0]]
-            logits, deltas = self.predictor(self.head(self.roi_features(maps, proposals)))
-            return detections_from_head(logits, deltas, proposals, hws, self.cfg.score_thresh,
-                                        self.cfg.nms_thresh, self.cfg.detections_per_img)
+            def detect():
+                proposals = [p[0] for p in self.rpn(rpn_maps, hws)[0]]
+                logits, deltas = self.predictor(self.head(self.roi_features(maps, proposals)))
+                return detections_from_head(logits, deltas, proposals, hws, self.cfg.score_thresh,
+                                            self.cfg.nms_thresh, self.cfg.detections_per_img)
+
+            # on the grouped-NMS path the sizes in the middle are guessed, checked at the end
+            return with_guessed_sizes(detect, use_group_nms(batch.device))
         if targets is None or len(targets) != len(images):
             raise ValueError(f"training needs one target per image ({len(images)} images)")
         if self.stage == "rpn":  # nothing downstream needs proposals

@@ -16,7 +16,8 @@ batch is suppressed with tensor operations:
    iteration stops exactly there (as Cluster-NMS, Zheng et al., 2020: the rounds needed are
    the longest chain of suppressions, not the number of boxes).
 
-Each round is one batched matrix-vector product; the host waits only to test convergence.
+Each round is one batched matrix-vector product; the host waits only to test convergence (in
+inference not even that: the rounds are guessed and the test read at the end, ``guessed_sizes``).
 The kept sets are those of torchvision's ``nms`` run on each group (``tests/test_group_nms.py``,
 ``tests/test_cuda.py``); orders of equal scores may differ (torchvision's sort is not stable,
 this one is). ``batched_nms`` on small inputs shifts each group's boxes first, which can decide
@@ -30,6 +31,8 @@ import os
 
 import torch
 from torch import Tensor
+
+from .guessed_sizes import LEARNED, active
 
 PAIRS_PER_CHUNK = 1 << 25  # IoU temporaries: 128 MiB of float32 each
 
@@ -142,33 +145,46 @@ def _suppression_matrix(boxes: Tensor, valid: Tensor, thresh: float, dtype: torc
     return suppress
 
 
-def greedy_keep(boxes: Tensor, valid: Tensor, thresh: float, check_every: int = 2) -> Tensor:
+def greedy_keep(boxes: Tensor, valid: Tensor, thresh: float, check_every: int = 2,
+                site: str | None = None) -> Tensor:
     """``[G, n]`` bool: the boxes greedy NMS keeps in each group.
 
     ``boxes`` ``[G, n, 4]`` sorted by decreasing score within each group; ``valid`` ``[G, n]``
-    marks real candidates (padding and dropped boxes are neither kept nor suppress)."""
+    marks real candidates (padding and dropped boxes are neither kept nor suppress). Inside
+    ``guessed_sizes.with_guessed_sizes``, a call that names its ``site`` runs the rounds learned
+    for it without a wait and leaves the convergence test as that pass's check."""
     g, n = valid.shape
     if g == 0 or n == 0:
         return valid.clone()
     # float16 on CUDA: a product of 0s and 1s, tested > 0
     dtype = torch.float16 if boxes.is_cuda else torch.float32
     suppress = _suppression_matrix(boxes, valid, thresh, dtype)
+    guessing = active() if site is not None else None
+    limit = n if guessing is None else min(n, LEARNED.rounds_for(site))
     keep = valid.clone()
     rounds = 0
     while True:
         with torch.autocast(boxes.device.type, enabled=False):  # no bf16 copy of S per round
             new = valid & (torch.bmm(keep.to(dtype)[:, None, :], suppress)[:, 0] == 0)
         rounds += 1
-        if rounds % check_every == 0 or rounds >= n:
+        if guessing is not None:
+            if rounds >= limit:
+                if rounds < n:  # n rounds always suffice
+                    guessing.check(("rounds", site), (new != keep).any(), 0)  # 1: not converged
+                return new
+        elif rounds % check_every == 0 or rounds >= n:
             if rounds >= n or torch.equal(new, keep):  # the host waits here only
+                if site is not None:
+                    LEARNED.took_rounds(site, rounds)
                 return new
         keep = new
 
 
-def grouped_nms(boxes: Tensor, scores: Tensor, valid: Tensor, thresh: float) -> tuple[Tensor, Tensor]:
+def grouped_nms(boxes: Tensor, scores: Tensor, valid: Tensor, thresh: float,
+                site: str | None = None) -> tuple[Tensor, Tensor]:
     """NMS within each row of a padded layout: ``boxes`` ``[G, n, 4]``, ``scores`` ``[G, n]``
     (higher first), ``valid`` ``[G, n]``. Returns (``order`` ``[G, n]``: each row's positions by
     decreasing score, stable; ``keep`` ``[G, n]``: whether the box at ``order[g, r]`` is kept)."""
     order = scores.masked_fill(~valid, float("-inf")).argsort(dim=1, descending=True, stable=True)
     sorted_boxes = torch.take_along_dim(boxes, order[..., None], dim=1)
-    return order, greedy_keep(sorted_boxes, torch.take_along_dim(valid, order, dim=1), thresh)
+    return order, greedy_keep(sorted_boxes, torch.take_along_dim(valid, order, dim=1), thresh, site=site)

@@ -16,6 +16,7 @@ from torchvision.ops import batched_nms
 
 from .box_coder import FAST_RCNN_BOX_WEIGHTS, clip_boxes, clip_boxes_per_image, decode, usable_boxes
 from .group_nms import greedy_keep, use_group_nms
+from .guessed_sizes import LEARNED, active, read
 from .parallel_pieces import map_pieces
 
 
@@ -65,7 +66,9 @@ def _detections_grouped(
 ) -> list[dict[str, Tensor]]:
     """``_detections_for_image`` for all images at once (``group_nms``): every (image, class)
     with a candidate is one NMS group. The host waits for the groups' sizes, to test NMS's
-    convergence, and for the images' counts."""
+    convergence, and for the images' counts; inside ``with_guessed_sizes`` for the counts only,
+    read with the checks of the guesses (the widest group and the number of groups per image,
+    as learned)."""
     counts = [r.shape[0] for r in rois_per_image]
     n_img, n_cls, width = len(counts), class_logits.shape[1] - 1, max(counts, default=0)
     scores = torch.softmax(class_logits.float(), dim=-1)[:, 1:]
@@ -82,27 +85,38 @@ def _detections_grouped(
             out[i, :part.shape[0]] = part
         return out.transpose(1, 2).flatten(0, 1)
 
-    group_scores = by_class(scores, float("-inf"))
+    # one more group, empty, for the rows a guessed number of groups leaves over
+    group_scores = torch.cat([by_class(scores, float("-inf")), scores.new_full((1, width), float("-inf"))])
     group_sizes = torch.isfinite(group_scores).sum(dim=1)
-    sizes = group_sizes.tolist()  # wait: which groups, how wide
-    n, n_groups = max(sizes, default=0), sum(size > 0 for size in sizes)
-    empty = {"boxes": boxes.new_zeros((0, 4)), "scores": scores.new_zeros((0,)),
-             "labels": torch.zeros((0,), dtype=torch.int64, device=scores.device)}
-    if n == 0:
-        return [dict(empty) for _ in range(n_img)]
-    # the groups' rows, found on the device: a list of them copied from the host would wait
-    rows = torch.nonzero_static(group_sizes > 0, size=n_groups).flatten()
+    guessing = active()
+    if guessing is not None and width > 0:
+        # sizes guessed (the learned width and groups per image), checked instead of read
+        n, n_groups = min(LEARNED.width, width), min(LEARNED.groups, n_cls) * n_img
+        guessing.check(("width", None), group_sizes, n)
+        guessing.check(("groups", None), (group_sizes[:-1] > 0).view(n_img, n_cls).sum(dim=1), n_groups // n_img)
+    else:
+        sizes = read(group_sizes)  # wait: which groups, how wide
+        n, n_groups = max(sizes, default=0), sum(size > 0 for size in sizes)
+        if n == 0:
+            return [{"boxes": boxes.new_zeros((0, 4)), "scores": scores.new_zeros((0,)),
+                     "labels": torch.zeros((0,), dtype=torch.int64, device=scores.device)} for _ in range(n_img)]
+    # the groups' rows, found on the device (a list of them copied from the host would wait);
+    # rows beyond the groups with a candidate are the empty one
+    empty_row = n_img * n_cls
+    rows = torch.nonzero_static(group_sizes > 0, size=n_groups, fill_value=empty_row).flatten()
     top, pos = group_scores[rows].sort(dim=1, descending=True, stable=True)
     top, pos = top[:, :n], pos[:, :n]
-    top_boxes = torch.take_along_dim(by_class(boxes, 0.0)[rows], pos[..., None], dim=1)
-    keep = greedy_keep(top_boxes, torch.isfinite(top), nms_thresh)
+    top_boxes = torch.take_along_dim(by_class(boxes, 0.0)[rows.clamp(max=empty_row - 1)], pos[..., None], dim=1)
+    keep = greedy_keep(top_boxes, torch.isfinite(top), nms_thresh, site="detections")
     # every image's kept detections by decreasing score, the image's best detections_per_img
-    kept = top.new_full((n_img * n_cls, n), float("-inf"))
-    kept[rows] = top.masked_fill(~keep, float("-inf"))
-    kept_boxes = top_boxes.new_zeros((n_img * n_cls, n, 4))
+    kept = top.new_full((empty_row + 1, n), float("-inf"))
+    kept[rows] = top.masked_fill(~keep, float("-inf"))  # (the empty row stays empty: -inf only)
+    kept_boxes = top_boxes.new_zeros((empty_row + 1, n, 4))
     kept_boxes[rows] = top_boxes
+    kept, kept_boxes = kept[:-1], kept_boxes[:-1]
     best = kept.view(n_img, -1).argsort(dim=1, descending=True, stable=True)[:, :detections_per_img]
-    found = torch.isfinite(kept).view(n_img, -1).sum(dim=1).clamp(max=detections_per_img).tolist()  # wait
+    found = torch.isfinite(kept).view(n_img, -1).sum(dim=1).clamp(max=detections_per_img)
+    found = read(found)  # the wait (in a guessing pass, with the guesses' checks)
     # gathered for all images at once; each image then takes its first `found` rows (views)
     best_boxes = torch.take_along_dim(kept_boxes.view(n_img, -1, 4), best[..., None], dim=1)
     best_scores = torch.take_along_dim(kept.view(n_img, -1), best, dim=1)

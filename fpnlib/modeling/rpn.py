@@ -28,6 +28,7 @@ from torchvision.ops import batched_nms
 from .anchor_labels import POSITIVE, label_anchors_batch, padded, sample_batch
 from .box_coder import clip_boxes, clip_boxes_per_image, decode, encode, usable_boxes
 from .group_nms import grouped_nms, use_group_nms
+from .guessed_sizes import LEARNED, active, read
 from .parallel_pieces import map_pieces
 from .rpn_head_grad import head_with_sampled_backward, sparse_backward_applies
 
@@ -257,9 +258,10 @@ def _proposals_grouped(
     rank_by_probability: bool = False,
 ) -> list[tuple[Tensor, Tensor, Tensor]]:
     """``_proposals_for_image`` for all images at once (``group_nms``): every (image, level) is
-    one NMS group; the host waits to test NMS's convergence and once for the images' counts.
-    ``boxes`` [N, K, 4] and ``logits`` [N, K] hold the levels one after the other, ``level_sizes``
-    entries each."""
+    one NMS group; the host waits to test NMS's convergence and once for the images' counts,
+    or, inside ``with_guessed_sizes``, for neither (each image keeps ``post_nms_top_n``, checked
+    later). ``boxes`` [N, K, 4] and ``logits`` [N, K] hold the levels one after the other,
+    ``level_sizes`` entries each."""
     n_img, n_lvl, width = boxes.shape[0], len(level_sizes), max(level_sizes)
     boxes = clip_boxes_per_image(boxes, image_hws)
     valid = usable_boxes(boxes, min_size) & torch.isfinite(logits)
@@ -271,13 +273,19 @@ def _proposals_grouped(
         return out.index_copy_(1, slots, x).view((n_img * n_lvl, width) + x.shape[2:])
 
     boxes, ranking, logits = by_level(boxes, 0.0), by_level(ranking, 0.0), by_level(logits, 0.0)
-    order, keep = grouped_nms(boxes, ranking, by_level(valid, False), nms_thresh)
+    order, keep = grouped_nms(boxes, ranking, by_level(valid, False), nms_thresh, site="proposals")
     # back to padded positions per image, then the image's top post_nms_top_n over its levels
     slot = (order + torch.arange(n_lvl, device=order.device).repeat(n_img)[:, None] * width).view(n_img, -1)
     kept_rank = torch.take_along_dim(ranking, order, dim=1).masked_fill(~keep, float("-inf"))
     best = kept_rank.view(n_img, -1).argsort(dim=1, descending=True, stable=True)[:, :post_nms_top_n]
     slot = torch.take_along_dim(slot, best, dim=1)
-    counts = keep.view(n_img, -1).sum(dim=1).clamp(max=post_nms_top_n).tolist()  # the one wait for counts
+    kept = keep.view(n_img, -1).sum(dim=1)
+    guessing, layout = active(), ("counts", (tuple(level_sizes), post_nms_top_n))
+    if guessing is not None and sum(level_sizes) >= post_nms_top_n and layout[1] not in LEARNED.counts_read:
+        guessing.check(layout, kept < post_nms_top_n, 0)  # the guess: every image keeps post_nms_top_n
+        counts = [post_nms_top_n] * n_img
+    else:
+        counts = read(kept.clamp(max=post_nms_top_n))  # the one wait for counts
     # gathered for all images at once; each image then takes its first `count` rows (views)
     top_boxes = torch.take_along_dim(boxes.view(n_img, -1, 4), slot[..., None], dim=1)
     top_logits = torch.take_along_dim(logits.view(n_img, -1), slot, dim=1)
