@@ -61,3 +61,17 @@ def test_processes_side_by_side_share_the_cores(monkeypatch):
         assert share_cores(16) == 1 and torch.get_num_threads() == 1  # at least one thread each
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_row_listed_in_row_lr_trains_at_its_rate_on_its_preset_only():
+    from fpnlib.experiments import table1, table2, table6
+    from fpnlib.experiments.tables import row_schedule
+
+    for module, row in ((table1, "p2_only"), (table2, "p2_only"), (table6, "dual_2x_mask")):
+        base = module.BUDGETS["cpu"].schedule
+        lowered = row_schedule(base, module.ROW_LR, row, "cpu")
+        assert lowered.lr == module.ROW_LR["cpu"][row] < base.lr
+        assert row_schedule(base, module.ROW_LR, "fpn", "cpu") == base  # other rows keep the preset's
+        assert row_schedule(module.BUDGETS["gpu"].schedule, module.ROW_LR, row, "gpu").lr == module.BUDGETS["gpu"].schedule.lr
+        short = row_schedule(base, module.ROW_LR, row, "cpu", iterations=20)
+        assert short.iterations == 20 and short.lr == lowered.lr
