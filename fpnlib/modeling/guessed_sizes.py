@@ -5,23 +5,25 @@ device has not computed yet. Inference on the grouped-NMS path (``group_nms``) h
 its middle:
 
 * proposal selection reads how many proposals each image kept;
-* post-processing reads how many candidates the widest (image, class) group holds;
+* post-processing reads which (image, class) groups have candidates and how many the widest holds;
 * grouped NMS tests every two rounds whether it has converged.
 
 The first of them stops the host until the backbone and the pyramid are done; from there on, the
 GPU waits for the host to launch each operator of the heads. While :func:`with_guessed_sizes` is
 active, each of these sizes is *guessed* instead:
 
-* every image keeps ``post_nms_top_n`` proposals (what an image of the usual size does);
-* no class group is wider than a learned width;
-* NMS converges within a learned number of rounds.
+* every image keeps ``post_nms_top_n`` proposals;
+* no image has more class groups, and no group more candidates, than the most seen so far;
+* NMS converges within the rounds it took before.
 
 Each guess leaves its check on the device, and the one read inference makes anyway (how many
 detections each image has, :meth:`Guessing.read`) reads the checks with it. If one failed, the
-detector runs the heads again the plain way and the guesses learn from it: twice the width or
-the rounds, no guess of the counts for that pyramid. A wrong guess costs time, never a result:
-the outputs are the plain path's either way (``tests/test_guessed_sizes.py``).
-``FPNLIB_GUESS_SIZES=0`` turns guessing off (the plain path, for A/B runs).
+detector runs the heads again the plain way and the guesses learn from it (:class:`Guesses`):
+the width or number of groups that was needed, the rounds that pass took, and, for a pyramid
+shape whose images kept fewer proposals, to read those counts from then on (one wait in the
+middle again). A wrong guess costs time, never a result: the outputs are the plain path's
+either way (``tests/test_guessed_sizes.py``). ``FPNLIB_GUESS_SIZES=0`` turns guessing off (the
+plain path, for A/B runs).
 """
 from __future__ import annotations
 
