@@ -61,3 +61,14 @@ def pytest_collection_modifyitems(config, items):
     out by their number of tests, which put the longest file, five slow tests, last.)"""
     heavy = {item.path for item in items if item.get_closest_marker("slow") or item.get_closest_marker("notebook")}
     items.sort(key=lambda item: item.path not in heavy)
+
+
+@pytest.fixture
+def fresh_learned_guesses(monkeypatch):
+    """``guessed_sizes.LEARNED`` as a new process starts with it, restored afterwards (the
+    guesses are process-wide: a test should not depend on what earlier tests taught them)."""
+    from fpnlib.modeling.guessed_sizes import LEARNED, Guesses
+
+    for name, value in vars(Guesses()).items():
+        monkeypatch.setattr(LEARNED, name, value)
+    return LEARNED

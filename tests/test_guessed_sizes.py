@@ -20,14 +20,10 @@ from fpnlib.modeling.torchvision_interop import detect
 
 
 @pytest.fixture
-def fresh_guesses(monkeypatch):
-    """Guesses as a new process starts with them, restored afterwards."""
-    monkeypatch.setattr(LEARNED, "rounds", {})
-    monkeypatch.setattr(LEARNED, "width", 64)
-    monkeypatch.setattr(LEARNED, "groups", 16)
-    monkeypatch.setattr(LEARNED, "counts_read", set())
+def fresh_guesses(fresh_learned_guesses, monkeypatch):
+    """Fresh guesses (``conftest.py``) on the grouped-NMS path, which a CPU takes when asked."""
     monkeypatch.setenv("FPNLIB_GROUP_NMS", "1")
-    return LEARNED
+    return fresh_learned_guesses
 
 
 @pytest.fixture
