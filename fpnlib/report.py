@@ -88,9 +88,10 @@ def render_reproduce_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu")
     secs = rec["seconds"]
     rows = ["| step | wall time |", "|---|---|"]
     rows += [f"| {step} | {s / 60:.1f} min |" for step, s in secs.items()]
+    jobs = rec["provenance"].get("row_jobs")  # (not recorded before 2026-11-27: then not said)
     rows += [f"| **all** | **{sum(secs.values()) / 60:.1f} min** |", "",
-             f"From `results/{preset}/reproduce_times.json` ({_provenance_line(rec['provenance'])}); rows trained "
-             f"{rec['provenance'].get('row_jobs', 1)} at a time."]
+             f"From `results/{preset}/reproduce_times.json` ({_provenance_line(rec['provenance'])})"
+             + (f"; table rows trained {jobs} at a time." if jobs else ".")]
     return "\n".join(rows)
 
 

@@ -66,3 +66,17 @@ def test_bench_block_gives_the_hosts_part_of_each_stage_on_cuda(tmp_path):
     (tmp_path / "bench" / "cuda-x.json").write_text(json.dumps(rec))
     line = next(s for s in render_bench_block(tmp_path).splitlines() if s.startswith("- r50_fpn_gpu, infer"))
     assert "backbone 34% (host 25% of it)" in line and line.count("host") == 1
+
+
+def test_reproduce_block_says_how_many_rows_trained_at_once_only_where_recorded(tmp_path):
+    from fpnlib.report import render_reproduce_block
+
+    (tmp_path / "cpu").mkdir()
+    prov = {"preset": "cpu", "seed": 0, "commit": "abc", "date": "2026-01-01",
+            "hardware": {"cpu": "X", "cpu_count": 2}, "versions": {"torch": "2"}}
+    for recorded, said in ((None, None), (2, "table rows trained 2 at a time.")):
+        rec = {"seconds": {"table1": 60.0}, "provenance": dict(prov, **({"row_jobs": recorded} if recorded else {}))}
+        (tmp_path / "cpu" / "reproduce_times.json").write_text(json.dumps(rec))
+        block = render_reproduce_block(tmp_path)
+        assert "| table1 | 1.0 min |" in block
+        assert (said in block) if said else ("at a time" not in block)
