@@ -126,14 +126,15 @@ class _RowError(ValueError):
     pass
 
 
-def _row_schedule(number: int, variant: str, preset: str, iterations: int | None):
-    """The schedule the table's ``run_row`` trains this row with (the same function calls)."""
-    from fpnlib.engine.train import shortened
+def _row_schedule(number: int, variant: str, preset: str, iterations: int | None, run_dir):
+    """The schedule the table's ``run_row`` trains this row in ``run_dir`` with (the same function, at the
+    rate a table run lowered it to if it diverged: ``tables.lowered_lr``)."""
+    from fpnlib.experiments.tables import lowered_lr
 
-    module = _table_module(number)
-    if number in (1, 6):
-        return module.schedule_for(variant, preset, iterations)
-    return shortened(module.BUDGETS[preset].schedule, iterations)
+    schedule_for = _table_module(number).schedule_for
+    own = schedule_for(variant, preset, iterations)
+    lowered = lowered_lr(run_dir, own.lr)
+    return own if lowered is None else schedule_for(variant, preset, iterations, lowered)
 
 
 def _train_row(number: int, variant: str, preset: str, data_root, run_dir, seed: int, device: str,
@@ -154,17 +155,17 @@ def _train_row(number: int, variant: str, preset: str, data_root, run_dir, seed:
     else:
         train_set = load_coco_split(data_root, "train", transforms=build_transforms(True, *sizes), with_masks=number == 6)
         model = module.build_row(variant, preset, seed)
-    return train(model, train_set, _row_schedule(number, variant, preset, iterations), run_dir, seed=seed,
+    return train(model, train_set, _row_schedule(number, variant, preset, iterations, run_dir), run_dir, seed=seed,
                  device=device, progress=progress, description=f"Table {number} {variant}")
 
 
-def _checkpointed_iterations(number: int, variant: str, preset: str, state: dict) -> int | None:
+def _checkpointed_iterations(number: int, variant: str, preset: str, state: dict, run_dir) -> int | None:
     """The ``iterations`` argument that gives the checkpoint's schedule (None: the full budget)."""
     from dataclasses import asdict
 
     n = state["schedule"]["iterations"]
     for k in (None, n, n // 2):  # n // 2: Table 6's dual_2x_train runs twice the given iterations
-        if asdict(_row_schedule(number, variant, preset, k)) == state["schedule"]:
+        if asdict(_row_schedule(number, variant, preset, k, run_dir)) == state["schedule"]:
             return k
     raise _RowError(f"the checkpoint's schedule is not preset {preset!r}'s budget for this row; "
                     f"retrain it with python -m fpnlib train")
@@ -210,10 +211,10 @@ def _train_or_eval(args, parser) -> None:
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     try:
         iterations = args.iterations if args.iterations is not None else \
-            _checkpointed_iterations(args.table, variant, args.preset, state)
+            _checkpointed_iterations(args.table, variant, args.preset, state, run_dir)
     except _RowError as e:
         parser.error(str(e))
-    total = _row_schedule(args.table, variant, args.preset, iterations).iterations
+    total = _row_schedule(args.table, variant, args.preset, iterations, run_dir).iterations
     if state["iteration"] < total:
         parser.error(f"{ckpt} is unfinished (iteration {state['iteration']} of {total}); continue it: {retrain}"
                      + (f" --iterations {iterations}" if iterations is not None else ""))

@@ -1,14 +1,19 @@
 """What every table shares (``fpnlib.experiments.tables``): rows reused while their checkpoint is
-unchanged, rows trained several at a time with the same numbers."""
+unchanged, rows trained several at a time with the same numbers, a row that diverged trained
+again at half its rate."""
 from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
+import pytest
 import torch
 
-from fpnlib.experiments.tables import RowJob, how_obtained, reuse_evaluated, run_rows, share_cores
+from fpnlib.engine.train import TrainingDiverged
+from fpnlib.experiments.tables import (LR_HALVINGS, RowJob, halving_lr_on_divergence, how_obtained, lowered_lr,
+                                       render_table, reuse_evaluated, run_rows, share_cores)
 
 CALLS: list[str] = []
 
@@ -75,3 +80,114 @@ def test_a_row_listed_in_row_lr_trains_at_its_rate_on_its_preset_only():
         assert row_schedule(module.BUDGETS["gpu"].schedule, module.ROW_LR, row, "gpu").lr == module.BUDGETS["gpu"].schedule.lr
         short = row_schedule(base, module.ROW_LR, row, "cpu", iterations=20)
         assert short.iterations == 20 and short.lr == lowered.lr
+
+
+DIVERGES_ABOVE = {"lr": 0.006}  # the rate above which diverging_row's "training" diverges
+OWN_LR = {"lr": 0.02}  # the rows' own rate (a table's budget and ROW_LR)
+
+
+def fake_schedule_for(variant: str, preset: str, iterations: int | None = None, lr: float | None = None):
+    from fpnlib.engine.train import Schedule
+
+    return Schedule(iterations=iterations or 10, lr=OWN_LR["lr"] if lr is None else lr)
+
+
+@reuse_evaluated
+@halving_lr_on_divergence(fake_schedule_for)
+def diverging_row(variant: str, preset: str, out_dir, iterations: int | None = None, lr: float | None = None) -> dict:
+    """Stands for a row whose training diverges above ``DIVERGES_ABOVE``: like ``train``, it leaves a
+    checkpoint and a log, then raises ``TrainingDiverged`` naming the iteration and its rate."""
+    rate = fake_schedule_for(variant, preset, iterations, lr).lr
+    CALLS.append(rate)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "last.pt").write_text(f"trained at {rate}")
+    (out / "log.jsonl").write_text(f"log at {rate}\n")
+    if rate > DIVERGES_ABOVE["lr"]:
+        raise TrainingDiverged("loss became non-finite at iteration 7", iteration=7, lr=rate, losses={"loss": "nan"})
+    return {"variant": variant, "metrics": {"AR": 1.0}, "lr": rate, "iterations": 10, "train_time_s": 1.0,
+            "trained_from_iteration": 0}
+
+
+def test_a_row_that_diverges_trains_again_at_half_its_rate_and_keeps_the_diverged_runs(tmp_path):
+    CALLS.clear()
+    run_dir = tmp_path / "p2_only"
+    row = diverging_row("p2_only", "smoke", run_dir)
+    assert CALLS == [0.02, 0.01, 0.005] and row["lr"] == 0.005
+    assert [(d["lr"], d["iteration"], d["losses"]) for d in row["diverged_at"]] == [(0.02, 7, {"loss": "nan"}),
+                                                                                   (0.01, 7, {"loss": "nan"})]
+    # nothing lost: each diverged run's checkpoint and log are kept beside the finished one
+    for d in row["diverged_at"]:
+        kept = run_dir / d["kept_in"]
+        assert (kept / "last.pt").read_text() == f"trained at {d['lr']}"
+        assert (kept / "log.jsonl").read_text() == f"log at {d['lr']}\n"
+    assert (run_dir / "last.pt").read_text() == "trained at 0.005" and lowered_lr(run_dir, 0.02) == 0.005
+    # the next call reuses the row; one that must evaluate again trains at the lowered rate at once
+    again = diverging_row("p2_only", "smoke", run_dir)
+    assert CALLS == [0.02, 0.01, 0.005] and again["reused_from"] and again["diverged_at"] == row["diverged_at"]
+    (run_dir / "row.json").unlink()
+    assert diverging_row("p2_only", "smoke", run_dir)["diverged_at"] == row["diverged_at"]
+    assert CALLS == [0.02, 0.01, 0.005, 0.005]
+    assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == ["diverged-lr0.01", "diverged-lr0.02"]
+    # other arguments (another preset): the row's own rate first, and the earlier diverged runs stay
+    CALLS.clear()
+    diverging_row("p2_only", "other", run_dir)
+    assert CALLS == [0.02, 0.01, 0.005] and (run_dir / "diverged-lr0.02-2" / "last.pt").exists()
+    # another own rate (ROW_LR or the budget changed; a row is reused by its arguments and checkpoint, so
+    # its kept evaluation goes too): that rate is tried first, not the one lowered from 0.02
+    OWN_LR["lr"] = 0.004
+    try:
+        CALLS.clear()
+        (run_dir / "row.json").unlink()
+        assert lowered_lr(run_dir, 0.004) is None
+        row = diverging_row("p2_only", "other", run_dir)
+        assert CALLS == [0.004] and "diverged_at" not in row
+    finally:
+        OWN_LR["lr"] = 0.02
+
+
+def test_a_row_that_diverges_at_every_rate_stops_with_each_rate_named(tmp_path, monkeypatch):
+    monkeypatch.setitem(DIVERGES_ABOVE, "lr", 0.001)
+    CALLS.clear()
+    with pytest.raises(TrainingDiverged, match=r"every rate tried: \[0.02, 0.01, 0.005\]"):
+        diverging_row("p2_only", "smoke", tmp_path / "p2_only")
+    assert len(CALLS) == LR_HALVINGS + 1
+
+
+def test_the_table_states_a_row_trained_again_after_it_diverged(tmp_path):
+    row = diverging_row("p2_only", "smoke", tmp_path / "p2_only")
+    prov = {"preset": "smoke", "seed": 0, "commit": "0" * 40, "hardware": {"cpu": "cpu"}, "date": "today"}
+    md = render_table({"rows": {"p2_only": row}, "provenance": prov, "deviations": {}}, {"P2": {"AR": 2.0}},
+                      {"p2_only": "P2"}, {"p2_only": "f"}, ["AR"], [], "setting", "what", [])
+    assert ("- diverged: (f) p2_only diverged at lr 0.02 (iteration 7) and at 0.01 (iteration 7); "
+            "trained again from scratch at lr 0.005") in md
+
+
+def test_training_diverged_keeps_where_it_diverged_across_processes():
+    err = pickle.loads(pickle.dumps(TrainingDiverged("at iteration 3", iteration=3, lr=0.02, losses={"loss": "nan"})))
+    assert (str(err), err.iteration, err.lr, err.losses) == ("at iteration 3", 3, 0.02, {"loss": "nan"})
+
+
+def test_the_cli_trains_and_evaluates_a_row_at_the_rate_a_table_run_lowered_it_to(tmp_path):
+    from fpnlib.__main__ import _row_schedule
+    from fpnlib.experiments import table1
+
+    assert _row_schedule(1, "fpn", "cpu", None, tmp_path).lr == table1.BUDGETS["cpu"].schedule.lr
+    own = table1.BUDGETS["cpu"].schedule.lr
+    (tmp_path / "lowered_lr.json").write_text(json.dumps({"key": {}, "row_lr": own, "lr": own / 4, "diverged": []}))
+    assert _row_schedule(1, "fpn", "cpu", None, tmp_path).lr == own / 4
+    # lowered from another rate than the row's own now: not applied
+    assert _row_schedule(1, "p2_only", "cpu", None, tmp_path).lr == table1.ROW_LR["cpu"]["p2_only"]
+    assert _row_schedule(3, "fpn", "cpu", 20, tmp_path).iterations == 20
+
+
+def test_a_real_row_that_diverges_is_trained_again_at_half_the_rate(smoke_root, tmp_path):
+    from fpnlib.experiments import table1
+
+    run_dir = tmp_path / "fpn"
+    with pytest.raises(TrainingDiverged, match=r"every rate tried: \[1000000.0, 500000.0, 250000.0\]") as err:
+        table1.run_row("fpn", "smoke", smoke_root, run_dir, iterations=4, progress=False, lr=1e6)
+    assert err.value.lr == 250000.0 and err.value.iteration < 4
+    for rate in ("1e+06", "500000"):  # each diverged run's log is kept
+        assert (run_dir / f"diverged-lr{rate}" / "log.jsonl").exists()
+    assert json.loads((run_dir / "lowered_lr.json").read_text())["lr"] == 250000.0

@@ -126,6 +126,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(TrainingDiverged, match="iteration 5") as err:
         train(m, _toy_data(), sched, tmp_path, progress=False)
     assert "last.pt" in str(err.value)
+    assert (err.value.iteration, err.value.lr) == (5, 0.01) and "nan" in err.value.losses.values()
     assert torch.isfinite(m.w).all()  # the bad step was not taken
     meta = load_checkpoint(_Toy(), tmp_path / "last.pt")
     assert meta["iteration"] == 4

@@ -45,7 +45,19 @@ from fpnlib.engine import distributed
 
 
 class TrainingDiverged(RuntimeError):
-    """A loss became NaN or infinite; the message names the iteration and the last good checkpoint."""
+    """A loss became NaN or infinite; the message names the iteration and the last good checkpoint.
+
+    ``iteration``, ``lr`` (the schedule's rate, before warm-up and steps) and ``losses`` (the
+    step's, non-finite ones as text) say where, for code that reacts: a table's row is trained
+    again at half the rate (``tables.reuse_evaluated``)."""
+
+    def __init__(self, message: str, iteration: int | None = None, lr: float | None = None,
+                 losses: dict | None = None):
+        super().__init__(message)
+        self.iteration, self.lr, self.losses = iteration, lr, losses or {}
+
+    def __reduce__(self):  # keeps the fields across processes (``run_rows``' workers)
+        return type(self), (str(self), self.iteration, self.lr, self.losses)
 
 
 @dataclass
@@ -314,7 +326,9 @@ def train(
                         f"loss became non-finite at iteration {it} ({bad}); the step was not taken. "
                         f"Last good checkpoint: {ckpt_path if ckpt_path.exists() else 'none yet'} "
                         f"(iteration {completed if ckpt_path.exists() else '-'}). Lower the learning rate "
-                        f"or lengthen the warm-up, then resume.")
+                        f"or lengthen the warm-up and train again, in another out_dir (a checkpoint of "
+                        f"another schedule is not resumed).", iteration=it, lr=schedule.lr,
+                        losses={k: v if math.isfinite(v) else str(v) for k, v in bad.items()})
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 optimizer.step()

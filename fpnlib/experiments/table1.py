@@ -25,8 +25,8 @@ from fpnlib.data.coco import load_coco_split
 from fpnlib.data.transforms import build_transforms
 from fpnlib.engine.inference import evaluate_proposals
 from fpnlib.engine.train import Schedule, derive_seed, train
-from fpnlib.experiments.tables import (Claim, RowJob, check_claims, final_losses, render_table, reuse_evaluated,
-                                      row_schedule, run_rows)
+from fpnlib.experiments.tables import (Claim, RowJob, check_claims, final_losses, halving_lr_on_divergence,
+                                       render_table, reuse_evaluated, row_schedule, run_rows)
 from fpnlib.modeling.anchors import count_anchors
 from fpnlib.modeling.detectors import build_rpn_detector
 
@@ -93,9 +93,10 @@ ROW_OVERRIDES = {"c4": SINGLE_MAP_CANDIDATES, "c5": SINGLE_MAP_CANDIDATES, "p2_o
 ROW_LR = {"cpu": {"p2_only": 0.005}}
 
 
-def schedule_for(variant: str, preset: str, iterations: int | None = None) -> Schedule:
-    """The row's schedule: the preset's (cut to ``iterations`` if given), at ``ROW_LR``'s rate if listed."""
-    return row_schedule(BUDGETS[preset].schedule, ROW_LR, variant, preset, iterations)
+def schedule_for(variant: str, preset: str, iterations: int | None = None, lr: float | None = None) -> Schedule:
+    """The row's schedule: the preset's (cut to ``iterations`` if given), at ``ROW_LR``'s rate if listed
+    (or at ``lr``, if given)."""
+    return row_schedule(BUDGETS[preset].schedule, ROW_LR, variant, preset, iterations, lr)
 
 
 def build_row(variant: str, preset: str, seed: int = 0):
@@ -114,14 +115,15 @@ def load_row(variant: str, preset: str, run_dir, seed: int = 0, device: str = "c
 
 
 @reuse_evaluated
+@halving_lr_on_divergence(schedule_for)
 def run_row(variant: str, preset: str, data_root, out_dir, seed: int = 0, device: str = "cpu",
-            iterations: int | None = None, progress: bool = True, workers: int = 0) -> dict:
+            iterations: int | None = None, progress: bool = True, workers: int = 0, lr: float | None = None) -> dict:
     """Train row ``variant`` (or load its finished checkpoint) and evaluate its proposals on val.
 
     Returns Table 1's metrics (AR100, AR1k, AR1k_s/m/l in percent), the anchor count of an
     800x1000 image (the paper's "# anchors" column) and timing.
     """
-    schedule = schedule_for(variant, preset, iterations)
+    schedule = schedule_for(variant, preset, iterations, lr)
     size = get_preset(preset).data
     min_size, max_size = (size.image_size, size.max_size) if size else (800, 1333)
     train_set = load_coco_split(data_root, "train", transforms=build_transforms(True, min_size, max_size),

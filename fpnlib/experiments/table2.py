@@ -21,8 +21,8 @@ from fpnlib.engine.evaluate import box_ap
 from fpnlib.engine.inference import predict
 from fpnlib.engine.train import Schedule, derive_seed, train
 from fpnlib.experiments import table1
-from fpnlib.experiments.tables import (Claim, RowJob, check_claims, render_table, reuse_evaluated, row_schedule,
-                                      run_rows)
+from fpnlib.experiments.tables import (Claim, RowJob, check_claims, halving_lr_on_divergence, render_table,
+                                       reuse_evaluated, row_schedule, run_rows)
 from fpnlib.modeling.fast_rcnn import FastRCNN, FastRCNNConfig
 
 ROWS = {"a": "c4_conv5", "b": "c5_2fc", "c": "fpn", "d": "bottom_up", "e": "top_down_no_lateral", "f": "p2_only"}
@@ -146,6 +146,12 @@ def split_with_proposals(preset: str, data_root, split: str, proposals_path, tra
                          max_proposals=max_proposals or PROPOSALS_PER_IMAGE[split])
 
 
+def schedule_for(variant: str, preset: str, iterations: int | None = None, lr: float | None = None) -> Schedule:
+    """The row's schedule: the preset's (cut to ``iterations`` if given), at ``ROW_LR``'s rate if listed
+    (or at ``lr``, if given)."""
+    return row_schedule(BUDGETS[preset].schedule, ROW_LR, variant, preset, iterations, lr)
+
+
 def build_row(variant: str, preset: str, num_classes: int, seed: int = 0) -> FastRCNN:
     """The untrained Fast R-CNN of row ``variant`` under ``preset``'s budget (seeded init)."""
     torch.manual_seed(derive_seed(seed, 1))
@@ -154,11 +160,12 @@ def build_row(variant: str, preset: str, num_classes: int, seed: int = 0) -> Fas
 
 
 @reuse_evaluated
+@halving_lr_on_divergence(schedule_for)
 def run_row(variant: str, preset: str, data_root, proposals: dict[str, Path], out_dir, seed: int = 0,
-            device: str = "cpu", iterations: int | None = None, progress: bool = True) -> dict:
+            device: str = "cpu", iterations: int | None = None, progress: bool = True, lr: float | None = None) -> dict:
     """Train row ``variant`` on the fixed proposals (or load its finished checkpoint), then its
     box AP on val (pycocotools)."""
-    schedule = row_schedule(BUDGETS[preset].schedule, ROW_LR, variant, preset, iterations)
+    schedule = schedule_for(variant, preset, iterations, lr)
     train_set = split_with_proposals(preset, data_root, "train", proposals["train"], train=True)
     val_set = split_with_proposals(preset, data_root, "val", proposals["val"], train=False,
                      max_proposals=light_settings(variant, preset).get("test_proposals"))

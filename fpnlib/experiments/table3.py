@@ -19,9 +19,10 @@ from fpnlib.data.coco import load_coco_split
 from fpnlib.data.transforms import build_transforms
 from fpnlib.engine.evaluate import box_ap
 from fpnlib.engine.inference import predict
-from fpnlib.engine.train import Schedule, derive_seed, load_checkpoint, shortened, train
+from fpnlib.engine.train import Schedule, derive_seed, load_checkpoint, train
 from fpnlib.experiments import table1, table2
-from fpnlib.experiments.tables import Claim, RowJob, check_claims, reuse_evaluated, final_losses, render_table, run_rows
+from fpnlib.experiments.tables import (Claim, RowJob, check_claims, final_losses, halving_lr_on_divergence,
+                                       render_table, reuse_evaluated, row_schedule, run_rows)
 from fpnlib.modeling.faster_rcnn import FasterRCNN, FasterRCNNConfig
 from fpnlib.modeling.rpn import RPNConfig
 
@@ -111,11 +112,18 @@ def detection_metrics(model, val_set, device: str = "cpu", progress: bool = True
     return box_ap(val_set.coco, dets, val_set.label_to_cat_id), per_image
 
 
+def schedule_for(variant: str, preset: str, iterations: int | None = None, lr: float | None = None) -> Schedule:
+    """The row's schedule: the preset's (cut to ``iterations`` if given; at ``lr`` if given). Every row trains
+    at the preset's rate (no ``ROW_LR``)."""
+    return row_schedule(BUDGETS[preset].schedule, {}, variant, preset, iterations, lr)
+
+
 @reuse_evaluated
+@halving_lr_on_divergence(schedule_for)
 def run_row(variant: str, preset: str, data_root, out_dir, seed: int = 0, device: str = "cpu",
-            iterations: int | None = None, progress: bool = True) -> dict:
+            iterations: int | None = None, progress: bool = True, lr: float | None = None) -> dict:
     """Train row ``variant`` (or load its finished checkpoint), then its box AP on val."""
-    schedule = shortened(BUDGETS[preset].schedule, iterations)
+    schedule = schedule_for(variant, preset, iterations, lr)
     train_set, val_set = splits(preset, data_root)
     model = build_row(variant, preset, train_set.num_classes, seed)
     run = train(model, train_set, schedule, Path(out_dir), seed=seed, device=device, progress=progress,

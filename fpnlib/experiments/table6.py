@@ -21,8 +21,8 @@ from fpnlib.data.coco import load_coco_split
 from fpnlib.data.transforms import boxes_to_original, build_transforms, collate_fn
 from fpnlib.engine.evaluate import segment_proposal_recall
 from fpnlib.engine.train import Schedule, _to, derive_seed, train
-from fpnlib.experiments.tables import (Claim, RowJob, check_claims, final_losses, render_table, reuse_evaluated,
-                                      row_schedule, run_rows)
+from fpnlib.experiments.tables import (Claim, RowJob, check_claims, final_losses, halving_lr_on_divergence,
+                                       render_table, reuse_evaluated, row_schedule, run_rows)
 from fpnlib.modeling.segment_proposals import SegmentProposalNet, build_segment_model, paste_masks
 
 # the paper's row text -> our row
@@ -82,10 +82,11 @@ DEVIATIONS = {
 ROW_LR = {"cpu": {"dual_2x_mask": 0.01}}
 
 
-def schedule_for(variant: str, preset: str, iterations: int | None = None) -> Schedule:
+def schedule_for(variant: str, preset: str, iterations: int | None = None, lr: float | None = None) -> Schedule:
     """The row's schedule: the preset's (cut to ``iterations`` if given); ``dual_2x_train`` runs it twice as long,
-    with its lr step at the same fraction; ``ROW_LR`` lowers a row's rate where it diverged."""
-    s = row_schedule(BUDGETS[preset].schedule, ROW_LR, variant, preset, iterations)
+    with its lr step at the same fraction; ``ROW_LR`` lowers a row's rate where it diverged (``lr``, if given,
+    sets it)."""
+    s = row_schedule(BUDGETS[preset].schedule, ROW_LR, variant, preset, iterations, lr)
     if variant == "dual_2x_train":
         s = replace(s, iterations=2 * s.iterations, steps=tuple(2 * step for step in s.steps))
     return s
@@ -178,11 +179,12 @@ def held_out_losses(model: SegmentProposalNet, dataset, seed: int = 0, batch_siz
 
 
 @reuse_evaluated
+@halving_lr_on_divergence(schedule_for)
 def run_row(variant: str, preset: str, data_root, out_dir, seed: int = 0, device: str = "cpu",
-            iterations: int | None = None, progress: bool = True) -> dict:
+            iterations: int | None = None, progress: bool = True, lr: float | None = None) -> dict:
     """Train row ``variant`` (or resume / load its checkpoint in ``out_dir``), then its segment AR
     on val (pycocotools) and its inference time per image."""
-    schedule = schedule_for(variant, preset, iterations)
+    schedule = schedule_for(variant, preset, iterations, lr)
     min_size, max_size = _sizes(preset)
     train_set = load_coco_split(data_root, "train", transforms=build_transforms(True, min_size, max_size), with_masks=True)
     val_set = load_coco_split(data_root, "val", transforms=build_transforms(False, min_size, max_size), with_masks=True)

@@ -79,6 +79,10 @@ def render_table(record: dict, paper: dict[str, dict], paper_keys: dict[str, str
               f"{prov['date']}; {what}.",
               f"Paper: {setting}", "", "Deviations from the paper:"]
     lines += [f"- {k}: {v}" for k, v in record["deviations"].items()]
+    lines += [f"- diverged: ({letters[variant]}) {variant} diverged at lr "
+              + " and at ".join(f"{d['lr']:g} (iteration {d['iteration']})" for d in row["diverged_at"])
+              + f"; trained again from scratch at lr {row['lr']:g} (its diverged runs are kept in its run directory)"
+              for variant, row in record["rows"].items() if row.get("diverged_at")]
     lines += ["", f"The paper's claims on our numbers (direction only; |difference| < {INCONCLUSIVE_BELOW} point: inconclusive):"]
     lines += [f"- {c}" for c in claims]
     return "\n".join(lines)
@@ -104,13 +108,17 @@ class RowJob:
         return self.fn(variant, out_dir=Path(self.runs_dir) / variant, **self.kwargs)
 
 
-def row_schedule(schedule, row_lr: dict, variant: str, preset: str, iterations: int | None = None):
+def row_schedule(schedule, row_lr: dict, variant: str, preset: str, iterations: int | None = None,
+                 lr: float | None = None):
     """A row's ``Schedule``: ``schedule`` cut to ``iterations`` (if given), at the rate ``row_lr``
-    (preset -> row -> lr) lists for the row on ``preset``, where a row needed a lower one."""
+    (preset -> row -> lr) lists for the row on ``preset``, where a row needed a lower one, or at
+    ``lr`` where given (a row trained again after it diverged, see ``halving_lr_on_divergence``)."""
     from fpnlib.engine.train import shortened
 
     s = shortened(schedule, iterations)
-    return replace(s, lr=row_lr[preset][variant]) if variant in row_lr.get(preset, {}) else s
+    if lr is None and variant in row_lr.get(preset, {}):
+        lr = row_lr[preset][variant]
+    return s if lr is None else replace(s, lr=lr)
 
 
 def share_cores(processes: int) -> int:
@@ -138,6 +146,100 @@ def _file_digest(path: Path) -> str:
 _NOT_IN_KEY = ("out_dir", "data_root", "proposals", "device", "progress", "workers")
 
 
+def _row_key(arguments: dict) -> dict:
+    """The arguments of a ``run_row`` call that set its numbers, as text. An ``lr`` of None (the
+    row's own rate) stays out: rows were kept under these keys before ``run_row`` took an ``lr``."""
+    return {k: repr(v) for k, v in arguments.items() if k not in _NOT_IN_KEY and not (k == "lr" and v is None)}
+
+
+# A row whose loss diverges is trained again from scratch at half its rate, at most this many times.
+LR_HALVINGS = 2
+LOWERED_LR_FILE = "lowered_lr.json"
+
+
+def _lowering(run_dir, row_lr: float, key: dict | None = None) -> dict | None:
+    """The record of ``run_dir``'s row trained again at a lower rate, if its own rate is still
+    ``row_lr`` (and its arguments ``key``, where given)."""
+    path = Path(run_dir) / LOWERED_LR_FILE
+    kept = json.loads(path.read_text()) if path.exists() else None
+    return kept if kept and kept["row_lr"] == row_lr and key in (None, kept["key"]) else None
+
+
+def lowered_lr(run_dir, row_lr: float) -> float | None:
+    """The rate the row in ``run_dir``, whose own rate is ``row_lr``, was trained again at after it
+    diverged (None: it did not diverge at that rate)."""
+    kept = _lowering(run_dir, row_lr)
+    return kept["lr"] if kept else None
+
+
+def halving_lr_on_divergence(schedule_for: Callable[..., object]):
+    """Decorate a table's ``run_row(variant, preset, ..., out_dir, ..., iterations, lr=None)``, whose
+    rows train on ``schedule_for(variant, preset, iterations, lr).lr``: where the training diverges
+    (``TrainingDiverged``), the attempt's files (checkpoint, log) move to ``out_dir/diverged-lr<rate>/``
+    and the row trains again from scratch at half the rate, at most ``LR_HALVINGS`` times.
+
+    An unattended ``make reproduce`` then finishes its tables instead of stopping at the first row
+    that diverged (a row at the edge of stability diverges with some thread counts and not others).
+    The lowered rate is kept in ``out_dir/lowered_lr.json``; a later or resumed call with the same
+    arguments trains at it without diverging first, while the row's own rate is still the one that
+    diverged (a changed ``ROW_LR`` or budget starts over). The row lists what diverged
+    (``diverged_at``), and ``render_table`` states it among the deviations."""
+    import functools
+    import inspect
+    import sys
+
+    from fpnlib.engine.train import TrainingDiverged
+
+    def decorate(run_row: Callable[..., dict]) -> Callable[..., dict]:
+        sig = inspect.signature(run_row)
+
+        @functools.wraps(run_row)
+        def wrapper(*args, **kwargs) -> dict:
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            arguments, run_dir = dict(bound.arguments), Path(bound.arguments["out_dir"])
+            own_lr = schedule_for(arguments["variant"], arguments["preset"], arguments["iterations"],
+                                  arguments["lr"]).lr
+            key, decision, diverged = _row_key(dict(arguments, lr=None)), run_dir / LOWERED_LR_FILE, []
+            kept = _lowering(run_dir, own_lr, key)
+            if kept:
+                arguments, diverged = dict(arguments, lr=kept["lr"]), kept["diverged"]
+            while True:
+                try:
+                    row = run_row(**arguments)
+                    break
+                except TrainingDiverged as err:
+                    if err.lr is None:  # raised without saying its rate: nothing to halve
+                        raise
+                    if len(diverged) >= LR_HALVINGS:
+                        raise TrainingDiverged(f"{err} It diverged at every rate tried: "
+                                               f"{[d['lr'] for d in diverged] + [err.lr]}.", err.iteration, err.lr,
+                                               err.losses) from err
+                    attempt, n = run_dir / f"diverged-lr{err.lr:g}", 1
+                    while attempt.exists():  # an earlier run's, with other arguments
+                        n += 1
+                        attempt = run_dir / f"diverged-lr{err.lr:g}-{n}"
+                    attempt.mkdir()
+                    for f in run_dir.iterdir():
+                        if f.is_file() and f.name != decision.name:
+                            f.rename(attempt / f.name)
+                    diverged.append({"lr": err.lr, "iteration": err.iteration, "losses": err.losses,
+                                     "kept_in": attempt.name})
+                    arguments = dict(arguments, lr=err.lr / 2)
+                    decision.write_text(json.dumps({"key": key, "row_lr": own_lr, "lr": arguments["lr"],
+                                                    "diverged": diverged}, indent=1) + "\n")
+                    print(f"{run_dir.name}: the loss diverged at lr {err.lr:g} (iteration {err.iteration}); that "
+                          f"run is kept in {attempt}; training again from scratch at lr {arguments['lr']:g}",
+                          file=sys.stderr, flush=True)
+            if diverged:
+                row["diverged_at"] = diverged
+            return row
+
+        return wrapper
+
+    return decorate
+
+
 def reuse_evaluated(run_row: Callable[..., dict]) -> Callable[..., dict]:
     """Decorate a table's ``run_row(variant, ..., out_dir, ...)``: the row it returns (metrics,
     timings, its wall time and thread count) is kept in ``out_dir/row.json`` with the sha256 of
@@ -158,7 +260,7 @@ def reuse_evaluated(run_row: Callable[..., dict]) -> Callable[..., dict]:
         bound.apply_defaults()
         run_dir = Path(bound.arguments["out_dir"])
         checkpoint, cache = run_dir / "last.pt", run_dir / "row.json"
-        key = {k: repr(v) for k, v in bound.arguments.items() if k not in _NOT_IN_KEY}
+        key = _row_key(bound.arguments)
         if cache.exists() and checkpoint.exists():
             kept = json.loads(cache.read_text())
             if kept.get("key") == key and kept.get("checkpoint_sha256") == _file_digest(checkpoint):
