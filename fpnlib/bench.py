@@ -427,7 +427,7 @@ def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", 
     ours, theirs = ours.to(device), theirs.to(device)
     images, targets = synthetic_batch(cfg, device=device)
     from fpnlib.modeling.fast_inference import compile_body, for_cuda_training, optimized_for_inference
-    from fpnlib.host_work import count_host_work
+    from fpnlib.host_work import count_host_work, device_busy
     from fpnlib.modeling import pyramid_roi_align, rpn_head_grad
     from fpnlib.modeling import guessed_sizes
     from fpnlib.modeling.group_nms import path_note, use_group_nms
@@ -464,6 +464,12 @@ def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", 
         # operators and waits for the device of one step; fpnlib's counted on its CUDA path
         record[mode]["host_work"] = {lib: count_host_work(steps[lib][mode], device, cuda_path=lib == "fpnlib", warmup=1)
                                      for lib in ("fpnlib", "torchvision")}
+        if cuda:  # how much of its steps the GPU works; a failing profiler must not lose the timings above
+            try:
+                record[mode]["device_busy"] = {lib: device_busy(steps[lib][mode], device)
+                                               for lib in ("fpnlib", "torchvision")}
+            except RuntimeError as err:
+                record[mode]["device_busy"] = {"error": f"{type(err).__name__}: {err}"}
         model = fast if mode == "infer" else ours
         record[mode]["fpnlib_stages"] = stage_breakdown(model, steps["fpnlib"][mode], max(3, reps // 2), device)
         if mode == "infer":

@@ -25,6 +25,9 @@ RoIAlign's kernel (``pyramid_roi_align``), so a CPU's count takes the per-level 
 read of the RoIs per level is one wait that a CUDA step with the kernel does not make; and
 grouped NMS's overlap kernel, so a CPU's count has the eager formula's operators, chunk by
 chunk, where CUDA launches one kernel.
+
+What counts can only suggest, a GPU's profile measures: :func:`device_busy` gives the share of
+back-to-back steps in which the GPU is working. Well below 1, the GPU waits for its host.
 """
 from __future__ import annotations
 
@@ -150,3 +153,51 @@ def count_host_work(step: Callable[[], object], device: torch.device | str = "cp
     return {"ops": sum(counter.ops.values()), "waits": sum(counter.waits.values()),
             "waits_by_kind": dict(sorted(counter.waits.items())),
             "top_ops": dict(counter.ops.most_common(10))}
+
+
+def busy_share(intervals) -> float:
+    """The share of the span from the first start to the last end that the union of
+    ``intervals`` ((start, end) pairs) covers: overlapping intervals count once."""
+    intervals = sorted(intervals)
+    if not intervals:
+        return 0.0
+    span = max(e for _, e in intervals) - intervals[0][0]
+    busy, (start, end) = 0, intervals[0]
+    for s, e in intervals[1:]:
+        if s > end:  # a gap: the device idled
+            busy, start, end = busy + end - start, s, e
+        else:
+            end = max(end, e)
+    busy += end - start
+    return busy / span if span > 0 else 0.0
+
+
+def _intervals(prof, device_type) -> list[tuple[int, int]]:
+    """(start, end) in ns of the profiled events on ``device_type`` (kernels, copies and sets on a GPU)."""
+    return [(e.start_ns(), e.end_ns()) for e in prof.profiler.kineto_results.events() if e.device_type() == device_type]
+
+
+def device_busy(step: Callable[[], object], device: torch.device | str, reps: int = 3, warmup: int = 1) -> dict | None:
+    """How much of ``reps`` back-to-back steps the GPU spends working: the union of its kernels,
+    copies and sets (profiled) over the span from the first to the last. Near 1 the GPU bounds
+    the step; well below 1 it waits for the host (Python, dispatch, reads in the middle of a step),
+    and host work is where time can be saved. None on a CPU, whose work is all on the host.
+
+    Returns ``{"busy_share": x, "reps": n}``; the profiler's own cost on the host can only lower it."""
+    if torch.device(device).type != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    intervals = _intervals(prof, DeviceType.CUDA)
+    if not intervals:  # the profiler saw no GPU activity (no CUPTI): nothing measured
+        return {"busy_share": None, "reps": reps, "note": "the profiler recorded no GPU activity"}
+    return {"busy_share": round(busy_share(intervals), 4), "reps": reps}
+

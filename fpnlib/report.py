@@ -125,6 +125,15 @@ def render_bench_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> 
                         "counted on its CUDA path, `fpnlib/host_work.py`):", ""]
             out += [f"- {name}, {mode}: fpnlib {w['fpnlib']['ops']} / {w['fpnlib']['waits']}, torchvision "
                     f"{w['torchvision']['ops']} / {w['torchvision']['waits']}" for name, mode, w in work]
+        busy = [(name, mode, r[mode]["device_busy"]) for name, r in rec["configs"].items() for mode in ("train", "infer")
+                if "device_busy" in r[mode]]
+        if busy:
+            out += ["", "The GPU's busy share of back-to-back steps (profiled; well below 100%: it waits for the host, "
+                        "`host_work.device_busy`):", ""]
+            out += [f"- {name}, {mode}: " + ", ".join(
+                f"{lib} " + (f"{100 * b[lib]['busy_share']:.0f}%" if b.get(lib) and b[lib]["busy_share"] is not None
+                             else "not measured") for lib in ("fpnlib", "torchvision"))
+                    + (f" ({b['error']})" if "error" in b else "") for name, mode, b in busy]
         out += ["", "Same detections, and memory:", ""]
         for name, r in rec["configs"].items():
             opt, plain, mem = r["same_outputs"], r["same_outputs_plain"], r.get("peak_memory", {})

@@ -300,3 +300,20 @@ def test_guessed_sizes_give_the_read_ones_and_inference_waits_once_on_cuda(monke
             assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
     work = count_host_work(lambda: detect(fast, images, 96, 128), "cuda")
     assert work["waits"] == 1, work  # the detections' counts, read with every guess's check
+
+
+def test_the_gpus_busy_share_is_measured_and_falls_when_the_host_makes_it_wait():
+    from fpnlib.host_work import device_busy
+
+    x = torch.randn(2048, 2048, device="cuda")
+
+    def busy_step():
+        for _ in range(20):
+            x @ x  # ~1 ms each on an H100: the host stays ahead
+
+    def waiting_step():
+        for _ in range(20):
+            (x[:8, :8] @ x[:8, :8]).sum().item()  # a tiny kernel, then a read: the GPU waits for the host
+
+    busy, waiting = device_busy(busy_step, "cuda")["busy_share"], device_busy(waiting_step, "cuda")["busy_share"]
+    assert 0.9 < busy <= 1.0 and 0.0 < waiting < 0.5, (busy, waiting)

@@ -98,3 +98,27 @@ def test_copies_between_host_and_device_count_where_they_wait():
     counts = torch.tensor([1, 2])  # repeat_interleave with its output size given: no wait
     assert _is_wait("aten.repeat_interleave.Tensor", (counts,), {}, "cpu")
     assert not _is_wait("aten.repeat_interleave.Tensor", (counts,), {"output_size": 3}, "cpu")
+
+
+def test_busy_share_is_the_union_of_intervals_over_their_span():
+    from fpnlib.host_work import busy_share
+
+    assert busy_share([(20, 30), (0, 10), (5, 15)]) == 25 / 30  # overlaps count once, the gap 15-20 idles
+    assert busy_share([(0, 10), (2, 3)]) == 1.0  # nested: all busy
+    assert busy_share([(0, 1), (9, 10)]) == 0.2
+    assert busy_share([]) == 0.0
+
+
+def test_the_profilers_intervals_are_read_and_a_cpu_has_no_device_share():
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from fpnlib.host_work import _intervals, device_busy
+
+    x = torch.randn(64, 64)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        (x @ x).relu().sum()
+    spans = _intervals(prof, DeviceType.CPU)  # the same reading a GPU's kernels get, on the CPU's operators
+    assert spans and all(end >= start > 0 for start, end in spans)
+    assert device_busy(lambda: x @ x, "cpu") is None
+

@@ -68,6 +68,22 @@ def test_bench_block_gives_the_hosts_part_of_each_stage_on_cuda(tmp_path):
     assert "backbone 34% (host 25% of it)" in line and line.count("host") == 1
 
 
+def test_bench_block_gives_the_gpus_busy_share_where_recorded(tmp_path):
+    from fpnlib.report import render_bench_block
+
+    rec = json.loads((RESULTS_DIR / "bench" / "cuda-nvidia-h100-80gb-hbm3.json").read_text())
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "cuda-x.json").write_text(json.dumps(rec))
+    assert "busy share" not in render_bench_block(tmp_path)  # recorded before it was measured
+    r50 = rec["configs"]["r50_fpn_gpu"]
+    r50["train"]["device_busy"] = {"fpnlib": {"busy_share": 0.614, "reps": 3}, "torchvision": {"busy_share": 0.9, "reps": 3}}
+    r50["infer"]["device_busy"] = {"error": "RuntimeError: no CUPTI"}
+    (tmp_path / "bench" / "cuda-x.json").write_text(json.dumps(rec))
+    lines = render_bench_block(tmp_path).splitlines()
+    assert "- r50_fpn_gpu, train: fpnlib 61%, torchvision 90%" in lines
+    assert "- r50_fpn_gpu, infer: fpnlib not measured, torchvision not measured (RuntimeError: no CUPTI)" in lines
+
+
 def test_reproduce_block_says_how_many_rows_trained_at_once_only_where_recorded(tmp_path):
     from fpnlib.report import render_reproduce_block
 
