@@ -200,4 +200,3 @@ def device_busy(step: Callable[[], object], device: torch.device | str, reps: in
     if not intervals:  # the profiler saw no GPU activity (no CUPTI): nothing measured
         return {"busy_share": None, "reps": reps, "note": "the profiler recorded no GPU activity"}
     return {"busy_share": round(busy_share(intervals), 4), "reps": reps}
-
