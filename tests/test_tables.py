@@ -109,7 +109,7 @@ def diverging_row(variant: str, preset: str, out_dir, iterations: int | None = N
             "trained_from_iteration": 0}
 
 
-def test_a_row_that_diverges_trains_again_at_half_its_rate_and_keeps_the_diverged_runs(tmp_path):
+def test_a_row_that_diverges_trains_again_at_half_its_rate_and_keeps_the_diverged_runs(tmp_path, monkeypatch):
     CALLS.clear()
     run_dir = tmp_path / "p2_only"
     row = diverging_row("p2_only", "smoke", run_dir)
@@ -135,15 +135,12 @@ def test_a_row_that_diverges_trains_again_at_half_its_rate_and_keeps_the_diverge
     assert CALLS == [0.02, 0.01, 0.005] and (run_dir / "diverged-lr0.02-2" / "last.pt").exists()
     # another own rate (ROW_LR or the budget changed; a row is reused by its arguments and checkpoint, so
     # its kept evaluation goes too): that rate is tried first, not the one lowered from 0.02
-    OWN_LR["lr"] = 0.004
-    try:
-        CALLS.clear()
-        (run_dir / "row.json").unlink()
-        assert lowered_lr(run_dir, 0.004) is None
-        row = diverging_row("p2_only", "other", run_dir)
-        assert CALLS == [0.004] and "diverged_at" not in row
-    finally:
-        OWN_LR["lr"] = 0.02
+    monkeypatch.setitem(OWN_LR, "lr", 0.004)
+    CALLS.clear()
+    (run_dir / "row.json").unlink()
+    assert lowered_lr(run_dir, 0.004) is None
+    row = diverging_row("p2_only", "other", run_dir)
+    assert CALLS == [0.004] and "diverged_at" not in row
 
 
 def test_a_row_that_diverges_at_every_rate_stops_with_each_rate_named(tmp_path, monkeypatch):

@@ -49,7 +49,7 @@ class TrainingDiverged(RuntimeError):
 
     ``iteration``, ``lr`` (the schedule's rate, before warm-up and steps) and ``losses`` (the
     step's, non-finite ones as text) say where, for code that reacts: a table's row is trained
-    again at half the rate (``tables.reuse_evaluated``)."""
+    again at half the rate (``tables.halving_lr_on_divergence``)."""
 
     def __init__(self, message: str, iteration: int | None = None, lr: float | None = None,
                  losses: dict | None = None):
