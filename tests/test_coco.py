@@ -248,6 +248,17 @@ def test_error_image_missing_key(tmp_path):
     expect_error(tmp_path, lambda d: d["images"][1].pop("width"), "images[1]", "missing key 'width'")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_error_image_size_not_finite(tmp_path, bad):
+    # json reads NaN and Infinity; they must be refused by name, not fail on int()
+    expect_error(tmp_path, lambda d: d["images"][2].update(width=bad), "image 2", "invalid width")
+
+
+@pytest.mark.parametrize("bad", [7, "", None], ids=["number", "empty", "null"])
+def test_error_file_name_not_a_path(tmp_path, bad):
+    expect_error(tmp_path, lambda d: d["images"][1].update(file_name=bad), "image 1", "file_name")
+
+
 def test_error_annotation_missing_key(tmp_path):
     expect_error(tmp_path, lambda d: d["annotations"][2].pop("bbox"), "id 103", "missing key 'bbox'")
 

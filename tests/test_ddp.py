@@ -72,8 +72,8 @@ def _train(config: str, root, out, **kw):
     ds = load_coco_split(root, "train", transforms=build_transforms(True, 96, 96), with_masks=False)
     sched = Schedule(iterations=ITERATIONS, batch_size=4, lr=0.02, warmup_iters=2, checkpoint_every=100, log_every=1)
     model = _model(config)
-    train(model, ds, sched, out, seed=3, progress=False, **kw)
-    return model
+    info = train(model, ds, sched, out, seed=3, progress=False, **kw)
+    return model, info
 
 
 def _worker(root: str, out: str) -> None:
@@ -85,7 +85,7 @@ def _worker(root: str, out: str) -> None:
     rank = distributed.rank()
     out = Path(out)
     for config in CONFIGS:
-        model = _train(config, root, out / f"ddp_{config}")
+        model, _ = _train(config, root, out / f"ddp_{config}")
         torch.save(model.state_dict(), out / f"ddp_{config}" / f"rank{rank}.pt")
 
     def interrupt(it, losses):
@@ -94,10 +94,12 @@ def _worker(root: str, out: str) -> None:
 
     try:
         _train("sampled", root, out / "ddp_resumed", on_iteration=interrupt)
+        stopped = False
     except KeyboardInterrupt:
-        pass
+        stopped = True
     distributed.barrier()  # rank 0 has written the checkpoint of iteration 3
-    _train("sampled", root, out / "ddp_resumed")
+    _, info = _train("sampled", root, out / "ddp_resumed")
+    (out / "ddp_resumed" / f"rank{rank}.json").write_text(json.dumps({"stopped": stopped, **info}))
     distributed.shutdown()
 
 
@@ -156,6 +158,10 @@ def test_ddp_resume_is_exact(ddp_runs):
     same weights and log as the uninterrupted two-process run."""
     uninterrupted, log_a = _load(ddp_runs / "ddp_sampled")
     resumed, log_b = _load(ddp_runs / "ddp_resumed")
+    # every process was stopped, then resumed from rank 0's checkpoint of iteration 3
+    for rank in range(2):
+        info = json.loads((ddp_runs / "ddp_resumed" / f"rank{rank}.json").read_text())
+        assert (info["stopped"], info["resumed_from"], info["iterations"]) == (True, 3, ITERATIONS), info
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
     assert [x["loss"] for x in log_a] == [x["loss"] for x in log_b]
 

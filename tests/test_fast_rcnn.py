@@ -37,7 +37,8 @@ def test_every_table2_row_trains_and_detects(variant):
         dets = model(images, [{"proposals": t["proposals"]} for t in targets])
     assert len(dets) == 2
     for d, im in zip(dets, images):
-        assert len(d["boxes"]) <= 100 and ((d["labels"] >= 1) & (d["labels"] <= 3)).all()
+        # an untrained head scores every class near 1/4, above the 0.05 threshold: some detections
+        assert 0 < len(d["boxes"]) <= 100 and ((d["labels"] >= 1) & (d["labels"] <= 3)).all()
         assert (d["boxes"][:, 2] <= im.shape[2]).all() and (d["boxes"][:, 3] <= im.shape[1]).all()
 
 

@@ -48,7 +48,8 @@ def test_every_table3_row_trains_and_detects(variant, share):
     with torch.no_grad():
         dets = model(images)
     for d, im in zip(dets, images):
-        assert set(d) == {"boxes", "scores", "labels"} and len(d["boxes"]) <= 100
+        # an untrained head scores every class near 1/4, above the 0.05 threshold: some detections
+        assert set(d) == {"boxes", "scores", "labels"} and 0 < len(d["boxes"]) <= 100
         assert ((d["labels"] >= 1) & (d["labels"] <= 3)).all()
         assert (d["boxes"][:, 2] <= im.shape[2]).all() and (d["boxes"][:, 3] <= im.shape[1]).all()
 

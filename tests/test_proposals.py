@@ -42,6 +42,19 @@ def test_bad_files_are_named(tmp_path):
         load_proposals(tmp_path / "broken.pt")
 
 
+@pytest.mark.parametrize("proposals, problem", [
+    ({1: (torch.tensor([[0.0, 0.0, float("nan"), 5.0]]), torch.ones(1))}, "image 1 has non-finite boxes"),
+    ({1: (torch.tensor([[0.0, 0.0, 5.0, 5.0]]), torch.tensor([float("inf")]))}, "image 1 has non-finite boxes or scores"),
+    ({1: (torch.tensor([[6.0, 0.0, 5.0, 5.0]]), torch.ones(1))}, r"image 1 has boxes with x2 < x1"),
+    ({1: torch.zeros(1, 4)}, r"image 1 has no \(boxes, scores\) pair"),
+    ([torch.zeros(1, 4)], "'proposals' is a list"),
+], ids=["nan-box", "inf-score", "flipped-box", "no-pair", "not-a-dict"])
+def test_bad_contents_are_named(tmp_path, proposals, problem):
+    torch.save({"meta": {}, "proposals": proposals}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=rf"bad\.pt: {problem}"):
+        load_proposals(tmp_path / "bad.pt")
+
+
 def test_proposals_follow_resize_and_flip(smoke_root):
     ds = load_coco_split(smoke_root, "val", with_masks=False)
     tf = Compose([ResizeShorterSide(240, 400), RandomHorizontalFlip(p=1.0)])

@@ -94,6 +94,19 @@ def test_crowds_padding_and_shared_cells():
     assert int((labels == 1).sum()) == 16  # nothing on other levels
 
 
+def test_an_object_at_the_edge_claims_no_cell_in_the_padding():
+    """The labels of an image do not depend on how far its batch-mates pad it: a neighbour
+    cell past the right or bottom edge stays ignored, as inference never scores it."""
+    slots = canonical_slots(("5x5",))
+    box = torch.tensor([[90.0, 70.0, 122.0, 102.0]])  # 32 px on P2, centre (106, 86): cell (x=26, y=21)
+    for padded in ((128, 128), (192, 256)):  # (h, w) of the batch: the same image, other batch-mates
+        grid = _grid(slots, padded)
+        labels, _ = label_locations(box, grid, (88, 108))  # the image ends inside cell x=27, y=22
+        lab = labels[grid.range(0)].view(*grid.shapes[0])
+        assert sorted(map(tuple, torch.nonzero(lab == 1).tolist())) == [(y, x) for y in (20, 21) for x in (25, 26)]
+        assert (lab[22:, :] == -1).all() and (lab[:, 27:] == -1).all()  # centres 90 >= 88 and 110 >= 108
+
+
 def test_mask_target_of_a_square_fills_the_central_fraction_of_its_window():
     slots = canonical_slots(("5x5", "7x7"))
     grid = _grid(slots, (256, 256))

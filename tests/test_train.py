@@ -125,11 +125,124 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     m = _Toy(nan_at=5)
     with pytest.raises(TrainingDiverged, match="iteration 5") as err:
         train(m, _toy_data(), sched, tmp_path, progress=False)
-    assert "last.pt" in str(err.value)
+    assert "last.pt (iteration 4)" in str(err.value)  # the checkpoint's iteration, not the last step's
     assert (err.value.iteration, err.value.lr) == (5, 0.01) and "nan" in err.value.losses.values()
     assert torch.isfinite(m.w).all()  # the bad step was not taken
     meta = load_checkpoint(_Toy(), tmp_path / "last.pt")
     assert meta["iteration"] == 4
+
+
+class _NanGrad(_Toy):
+    """A finite loss whose gradient is NaN on call ``bad_at``: the step is taken on it."""
+
+    def __init__(self, bad_at: int):
+        super().__init__()
+        self.bad_at = bad_at
+
+    def forward(self, images, targets):
+        x = torch.stack([im.flatten()[:3] for im in images])
+        y = torch.stack([t["y"] for t in targets])
+        w = self.w * 1.0
+        self.calls += 1
+        if self.calls == self.bad_at:
+            w.register_hook(lambda g: torch.full_like(g, float("nan")))
+        return {"loss": ((x * w).sum(1) - y).pow(2).mean()}
+
+
+def test_weights_made_nan_by_a_finite_loss_are_never_saved(tmp_path):
+    sched = Schedule(iterations=10, batch_size=2, lr=0.01, warmup_iters=0, checkpoint_every=2)
+    with pytest.raises(TrainingDiverged, match="weights became non-finite by iteration 4") as err:
+        train(_NanGrad(bad_at=4), _toy_data(), sched, tmp_path, progress=False)
+    assert "last.pt (iteration 2)" in str(err.value)
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert state["iteration"] == 2 and torch.isfinite(state["model"]["w"]).all()
+
+
+def test_resume_from_a_damaged_checkpoint_names_the_file(tmp_path):
+    sched = Schedule(iterations=2, batch_size=2, warmup_iters=0)
+    (tmp_path / "last.pt").write_bytes(b"cut off")
+    with pytest.raises(ValueError, match=r"last\.pt: not a readable fpnlib checkpoint"):
+        train(_Toy(), _toy_data(), sched, tmp_path, progress=False)
+    torch.save({"model": {}}, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match=r"last\.pt: not a train\(\) checkpoint \(missing optimizer"):
+        train(_Toy(), _toy_data(), sched, tmp_path, progress=False)
+
+
+def _interrupted_at_2(tmp_path):
+    sched = Schedule(iterations=4, batch_size=2, warmup_iters=0, log_every=1)
+
+    def stop(it, losses):
+        if it == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_Toy(), _toy_data(), sched, tmp_path, progress=False, on_iteration=stop)
+    return sched, tmp_path / "log.jsonl"
+
+
+def test_resume_drops_a_log_line_cut_off_by_a_crash(tmp_path):
+    sched, log = _interrupted_at_2(tmp_path)
+    with open(log, "a") as f:
+        f.write('{"iteration": 3, "lo')  # the crash came while this line was written
+    info = train(_Toy(), _toy_data(), sched, tmp_path, progress=False)
+    assert info["resumed_from"] == 2
+    assert [json.loads(x)["iteration"] for x in log.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_resume_with_a_damaged_log_names_the_line(tmp_path):
+    sched, log = _interrupted_at_2(tmp_path)
+    log.write_text("garbage\n" + log.read_text())
+    with pytest.raises(ValueError, match=r"log\.jsonl, line 1: not a training log record"):
+        train(_Toy(), _toy_data(), sched, tmp_path, progress=False)
+    assert log.read_text().startswith("garbage\n")  # nothing rewritten
+
+
+_SIGNAL_IN_STEP_SCRIPT = """
+import json, os, signal, sys, torch
+from fpnlib.engine import train as T
+sys.path.insert(0, sys.argv[2])
+from test_train import _Toy, _toy_data
+
+class SignalOnThirdStep(torch.optim.SGD):
+    calls = 0
+    def step(self, closure=None):
+        super().step(closure)  # the weights are updated ...
+        SignalOnThirdStep.calls += 1
+        if SignalOnThirdStep.calls == 3:  # ... and the stop arrives before the trainer counts the step
+            os.kill(os.getpid(), signal.SIGTERM)
+
+build = T.build_optimizer
+sched = T.Schedule(iterations=6, batch_size=2, lr=0.1, warmup_iters=0, checkpoint_every=100)
+T.build_optimizer = lambda m, s: SignalOnThirdStep([p for p in m.parameters()], lr=s.lr, momentum=s.momentum,
+                                                   weight_decay=s.weight_decay)
+try:
+    T.train(_Toy(), _toy_data(), sched, sys.argv[1] + "/b", progress=False)
+    stopped = False
+except KeyboardInterrupt:
+    stopped = True
+T.build_optimizer = build
+saved = torch.load(sys.argv[1] + "/b/last.pt", weights_only=False)["iteration"]
+resumed, whole = _Toy(), _Toy()
+T.train(resumed, _toy_data(), sched, sys.argv[1] + "/b", progress=False)
+T.train(whole, _toy_data(), sched, sys.argv[1] + "/a", progress=False)
+print(json.dumps({"stopped": stopped, "saved": saved, "same": bool(torch.equal(resumed.w, whole.w))}))
+"""
+
+
+def test_a_stop_during_the_weight_update_saves_whole_steps(tmp_path):
+    """SIGTERM that lands inside ``optimizer.step`` is held until the step is counted: the
+    checkpoint holds 3 whole steps, and the resumed run equals an uninterrupted one. (Run in a
+    subprocess, whose main thread receives the signal.)"""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "signal_in_step.py"
+    script.write_text(_SIGNAL_IN_STEP_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"stopped": True, "saved": 3, "same": True}
 
 
 def test_load_checkpoint_errors_name_the_file(tmp_path):

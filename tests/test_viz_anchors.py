@@ -180,5 +180,12 @@ def test_figure_to_image(fmt, magic):
 def test_anchor_grid_widget_builds(capsys):
     pytest.importorskip("ipywidgets")
     target = {"boxes": torch.tensor([[4.0, 4.0, 20.0, 20.0]]), "iscrowd": torch.tensor([0])}
-    va.anchor_grid_widget([(torch.rand(3, 64, 64), target)] * 2, "fpn", 0.25)
-    capsys.readouterr()  # outside a kernel, display() prints reprs
+    shown = va.anchor_grid_widget([(torch.rand(3, 64, 64), target)] * 2, "fpn", 0.25)
+    image, level = shown.widget.children[:2]
+    assert (image.description, image.max, level.description) == ("image", 1, "level")
+    assert level.options == ("p2", "p3", "p4", "p5", "p6")
+    # outside a kernel, display() prints reprs: the first image was drawn when the widget was built
+    assert "IPython.core.display.Image" in capsys.readouterr().out
+    # interact swallows the callback's errors; called directly, an error would fail the test
+    shown(1, "p6")
+    assert capsys.readouterr().out.count("IPython.core.display.Image") == 1

@@ -144,9 +144,11 @@ def _validate(d, path: Path, with_masks: bool) -> tuple[dict, list]:
             raise CocoFormatError(f"{path}: images[{k}] has a non-integer id {img['id']!r}")
         if img["id"] in images:
             raise CocoFormatError(f"{path}: duplicate image id {img['id']}")
+        if not isinstance(img["file_name"], str) or not img["file_name"].strip():
+            raise CocoFormatError(f"{path}: image {img['id']} has file_name {img['file_name']!r}; expected a path")
         for key in ("width", "height"):
             v = img[key]
-            if not _is_number(v) or v != int(v) or v <= 0:
+            if not _is_number(v) or not math.isfinite(v) or v != int(v) or v <= 0:
                 raise CocoFormatError(f"{path}: image {img['id']} has invalid {key} {v!r}")
             img[key] = int(v)
         images[img["id"]] = img

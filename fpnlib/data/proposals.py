@@ -38,9 +38,18 @@ def load_proposals(path: str | os.PathLike, image_ids=None) -> tuple[dict[int, t
         proposals, meta = payload["proposals"], payload["meta"]
     except Exception as e:  # truncated, foreign or old file
         raise ValueError(f"{path}: not a readable proposals file ({e})") from e
-    for img_id, (boxes, scores) in proposals.items():
+    if not isinstance(proposals, dict):
+        raise ValueError(f"{path}: 'proposals' is a {type(proposals).__name__}, not {{image id: (boxes, scores)}}")
+    for img_id, entry in proposals.items():
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and all(torch.is_tensor(t) for t in entry)):
+            raise ValueError(f"{path}: image {img_id} has no (boxes, scores) pair of tensors")
+        boxes, scores = entry
         if boxes.ndim != 2 or boxes.shape[1] != 4 or scores.shape != boxes.shape[:1]:
             raise ValueError(f"{path}: image {img_id} has boxes {tuple(boxes.shape)} and scores {tuple(scores.shape)}")
+        if not (torch.isfinite(boxes).all() and torch.isfinite(scores).all()):
+            raise ValueError(f"{path}: image {img_id} has non-finite boxes or scores")
+        if ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any():
+            raise ValueError(f"{path}: image {img_id} has boxes with x2 < x1 or y2 < y1 (not [x1, y1, x2, y2])")
     if image_ids is not None:
         missing = sorted(set(int(i) for i in image_ids) - set(proposals))
         if missing:

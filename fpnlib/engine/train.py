@@ -9,7 +9,10 @@ What it promises:
   * **Nothing lost.** A checkpoint every ``checkpoint_every`` iterations and on Ctrl-C;
     ``resume=True`` continues from the last one (and returns at once if the run is complete,
     which is how notebooks "train or load"). A NaN/inf loss stops the run with
-    :class:`TrainingDiverged` before the bad step is taken; the last good checkpoint stays.
+    :class:`TrainingDiverged` before the bad step is taken; the last good checkpoint stays (and
+    weights that a step with non-finite gradients made non-finite are never saved). A stop
+    signal during the weight update waits for the update to finish, so the checkpoint written
+    on the interrupt holds whole steps.
   * **Visible.** A tqdm bar with the loss and speed, and ``log.jsonl`` with every logged
     iteration's losses, learning rate and timing.
   * **Several processes, same run.** Under ``torchrun`` (see :mod:`fpnlib.engine.distributed`)
@@ -182,32 +185,90 @@ def _to(device: torch.device, images, targets):
 
 
 def _trim_log(log_path: Path, last_iteration: int) -> None:
-    """After a resume, drop log lines of iterations the checkpoint does not contain."""
+    """After a resume, drop log lines of iterations the checkpoint does not contain.
+
+    A last line that does not parse was cut off while it was written (a crash, a kill): it is
+    dropped. A broken line before it is a damaged log, and stops the resume with the file and
+    line named."""
     if not log_path.exists():
         return
-    keep = [line for line in log_path.read_text().splitlines()
-            if line.strip() and json.loads(line)["iteration"] <= last_iteration]
-    log_path.write_text("".join(line + "\n" for line in keep))
+    lines = [line for line in log_path.read_text().splitlines() if line.strip()]
+    keep = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            iteration = record["iteration"]
+        except (json.JSONDecodeError, TypeError, KeyError) as e:
+            if number == len(lines):
+                break  # torn by the crash that stopped the run
+            raise ValueError(f"{log_path}, line {number}: not a training log record ({e}); "
+                             f"move the file away to resume without it") from e
+        if iteration <= last_iteration:
+            keep.append(line)
+    tmp = log_path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, log_path)  # a crash now leaves the old log whole
 
 
-@contextlib.contextmanager
-def _stop_signals_interrupt():
-    """Make SIGTERM and SIGINT raise ``KeyboardInterrupt`` while training, so that ``kill``, a
-    job scheduler or Ctrl-C in a background job (where SIGINT is otherwise ignored) all end
-    with a checkpoint instead of lost work."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+def _load_resumable(ckpt_path: Path, device: torch.device) -> dict:
+    """The checkpoint ``train`` resumes from, or an error naming the file when it cannot be."""
     try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"{ckpt_path}: not a readable fpnlib checkpoint ({type(e).__name__}: {e}); "
+                         f"move it away, or pass resume=False, to train from scratch") from e
+    missing = [k for k in ("model", "optimizer", "iteration", "schedule", "seed")
+               if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{ckpt_path}: not a train() checkpoint (missing {', '.join(missing)}); "
+                         f"move it away, or pass resume=False, to train from scratch")
+    return state
+
+
+class _StopSignals:
+    """SIGTERM and SIGINT raise ``KeyboardInterrupt`` while training, so that ``kill``, a job
+    scheduler or Ctrl-C in a background job (where SIGINT is otherwise ignored) all end with a
+    checkpoint instead of lost work. A signal that arrives while the weights are being updated
+    (:meth:`updating`) is held until the update is complete: the checkpoint written on the
+    interrupt then holds whole steps only, and the resumed run is exact."""
+
+    def __init__(self):
+        self._updating, self._held = False, None
+
+    def _interrupt(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self._updating:
+            self._held = name
+            return
+        raise KeyboardInterrupt(f"signal {name}")
+
+    @contextlib.contextmanager
+    def updating(self):
+        self._updating = True
+        try:
+            yield
+        finally:
+            self._updating = False
+        if self._held is not None:
+            raise KeyboardInterrupt(f"signal {self._held}")
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signal handlers can only be set from the main thread
+            return
+        previous = {sig: signal.signal(sig, self._interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _finite_weights(model: nn.Module) -> bool:
+    """Whether every parameter is finite: a step taken on a finite loss can still have had
+    non-finite gradients (an overflow in the backward pass), and such weights are never saved."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
 
 
 def train(
@@ -261,15 +322,17 @@ def train(
     from fpnlib.provenance import git_commit
 
     start, earlier_time = 0, 0.0  # earlier_time: training seconds of the sessions before this one
+    saved = None  # the iteration last.pt holds
     commits = []  # the code version of every session that trained this run (provenance)
     if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = _load_resumable(ckpt_path, device)
         if state["seed"] != seed or state["schedule"] != asdict(schedule):
             raise ValueError(f"{ckpt_path}: checkpoint was made with another seed or schedule "
                              f"({state['seed']}, {state['schedule']}); use another out_dir or resume=False")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, earlier_time = state["iteration"], state.get("train_time_s", 0.0)
+        saved = start
         commits = list(state.get("commits", []))
         if main:
             _trim_log(log_path, start)
@@ -281,11 +344,22 @@ def train(
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def checkpoint(iteration: int) -> None:
+        nonlocal saved
+        if not _finite_weights(model):  # every process: the replicas are equal, all stop together
+            raise TrainingDiverged(
+                f"weights became non-finite by iteration {iteration} (a step with a finite loss but non-finite "
+                f"gradients); they were not saved. Last good checkpoint: {_last_good()}. Lower the learning "
+                f"rate or lengthen the warm-up and train again, in another out_dir.",
+                iteration=iteration, lr=schedule.lr, losses={})
         if not main:
             return
         _save(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "iteration": iteration, "schedule": asdict(schedule), "seed": seed,
                           "train_time_s": earlier_time + time.perf_counter() - t_start, "commits": commits})
+        saved = iteration
+
+    def _last_good() -> str:
+        return f"{ckpt_path} (iteration {saved})" if saved is not None else "none yet"
 
     sampler = IterationBatchSampler(len(dataset), schedule.batch_size, schedule.iterations, seed, start,
                                     rank=rank, world_size=world)
@@ -304,7 +378,8 @@ def train(
     completed, losses_out, t_start = start, {}, time.perf_counter()
     t_last = time.perf_counter()
     try:
-        with _stop_signals_interrupt(), (open(log_path, "a") if main else contextlib.nullcontext()) as log:
+        with _StopSignals().installed() as signals, \
+                (open(log_path, "a") if main else contextlib.nullcontext()) as log:
             for it, (images, targets) in zip(range(start, schedule.iterations), loader):
                 t_data = time.perf_counter() - t_last
                 images, targets = _to(device, images, targets)
@@ -324,15 +399,15 @@ def train(
                     bad = losses_out
                     raise TrainingDiverged(
                         f"loss became non-finite at iteration {it} ({bad}); the step was not taken. "
-                        f"Last good checkpoint: {ckpt_path if ckpt_path.exists() else 'none yet'} "
-                        f"(iteration {completed if ckpt_path.exists() else '-'}). Lower the learning rate "
+                        f"Last good checkpoint: {_last_good()}. Lower the learning rate "
                         f"or lengthen the warm-up and train again, in another out_dir (a checkpoint of "
                         f"another schedule is not resumed).", iteration=it, lr=schedule.lr,
                         losses={k: v if math.isfinite(v) else str(v) for k, v in bad.items()})
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
-                optimizer.step()
-                completed = it + 1
+                with signals.updating():  # a stop waits for the whole step
+                    optimizer.step()
+                    completed = it + 1
                 now = time.perf_counter()
                 if main and (completed % schedule.log_every == 0 or completed == schedule.iterations):
                     log.write(json.dumps({"iteration": completed, "lr": lr, "loss": loss_value, **losses_out,

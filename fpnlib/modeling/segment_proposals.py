@@ -189,7 +189,10 @@ def label_locations(
                 & ((xs[None, None, :] - torch.div(cx, stride, rounding_mode="floor")[:, None, None]).abs() <= radius))
         dist2 = ((xs[None, None, :] + 0.5) * stride - cx[:, None, None]) ** 2 \
             + ((ys[None, :, None] + 0.5) * stride - cy[:, None, None]) ** 2
-        claim = near & ~crowd[gt][:, None, None]
+        # a neighbour cell past the image's right or bottom edge stays ignored, as inference
+        # never scores it; it exists only when a larger batch-mate padded the batch
+        in_image = (((ys + 0.5) * stride < h)[:, None] & ((xs + 0.5) * stride < w)[None, :])[None]
+        claim = near & ~crowd[gt][:, None, None] & in_image
         best, arg = dist2.masked_fill(~claim, math.inf).min(dim=0)
         positive = torch.isfinite(best).flatten()
         ignore = (near & crowd[gt][:, None, None]).any(dim=0).flatten() & ~positive
