@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default=None, help="checkpoints root (default: runs/<preset>; table N uses <root>/tableN)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1, help="rows trained at once on a CPU, one thread each when > 1 "
+                   "(make reproduce trains 2 at once; a row's numbers depend on its thread count)")
 
     for verb, text in (("train", "train one row of a table with its preset's budget (resumable; runs under torchrun)"),
                        ("eval", "print the metrics of a row trained by 'train' (loads its finished checkpoint)")):
@@ -258,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or RESULTS_DIR / args.preset
         runs = args.runs or REPO_ROOT / "runs" / args.preset
         root = ensure_dataset(args.preset)
-        run_table(args.number, args.preset, root, runs, out, seed=args.seed, device=args.device)
+        run_table(args.number, args.preset, root, runs, out, seed=args.seed, device=args.device, jobs=args.jobs)
         from fpnlib.experiments.claims import write_claims_report
 
         write_claims_report(out, args.preset)  # the claims of every table run so far

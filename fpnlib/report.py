@@ -190,9 +190,60 @@ def render_notebooks_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu")
     return "\n".join(rows)
 
 
+SEED_METRICS = {1: ("AR1k", "AR1k_s"), 6: ("AR", "AR_s")}  # the metrics the tables' claims compare
+
+
+def _threads(record: dict) -> str:
+    """The rows' thread counts (a row's numbers depend on them)."""
+    counts = sorted({r.get("torch_threads") for r in record["rows"].values()} - {None})
+    return f"{'/'.join(map(str, counts))} thread(s) per row" if counts else "threads not recorded"
+
+
+def render_seeds_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> str:
+    """Tables trained again with another training seed (``results/<preset>/seed<k>/``), beside
+    the recorded seed: each row's headline metrics and each claim's difference and verdict, so a
+    reader sees how far a row moves when only the seed changes (same data, same budget)."""
+    import importlib
+
+    base = Path(results_dir) / preset
+    others = sorted(base.glob("seed*/table*.json"))
+    if not others:
+        return (f"_No table trained with another seed yet under `{preset}`: "
+                f"`python -m fpnlib table 6 --preset {preset} --seed 1 --jobs 2 --out results/{preset}/seed1 "
+                f"--runs runs/{preset}-seed1`._")
+    out = []
+    for n in sorted({int(p.stem[5:]) for p in others}):
+        if not (base / f"table{n}.json").exists():
+            continue
+        records = [json.loads((base / f"table{n}.json").read_text())]
+        records += [json.loads(p.read_text()) for p in others if p.stem == f"table{n}"]
+        seeds = [r["provenance"]["seed"] for r in records]
+        metrics = SEED_METRICS.get(n, ())
+        out += [f"Table {n}:", "",
+                "| row | " + " | ".join(f"{m} seed {s}" for m in metrics for s in seeds) + " |",
+                "|---|" + "---|" * (len(metrics) * len(seeds))]
+        for row in records[0]["rows"]:
+            cells = [f"{r['rows'][row]['metrics'][m]:.1f}" if row in r["rows"] else "–" for m in metrics for r in records]
+            out.append(f"| {row} | " + " | ".join(cells) + " |")
+        claims = importlib.import_module(f"fpnlib.experiments.table{n}").claims
+        checked = [claims(r) for r in records]
+        out += ["", "| claim | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
+        for i, c in enumerate(checked[0]):
+            cells = []
+            for found in checked:
+                same = [x for x in found if (x.text, x.rows, x.metric) == (c.text, c.rows, c.metric)]
+                cells.append(f"{same[0].ours[0] - same[0].ours[1]:+.1f} ({same[0].verdict})" if same else "–")
+            out.append(f"| {c.text} ({c.metric} {c.rows[0]} vs {c.rows[1]}) | " + " | ".join(cells) + " |")
+        out += ["", "; ".join(f"seed {s}: `results/{preset}/{'' if r is records[0] else f'seed{s}/'}table{n}.json` "
+                              f"({_provenance_line(r['provenance'])}, {_threads(r)})"
+                              for r, s in zip(records, seeds)) + ".", ""]
+    return "\n".join(out).rstrip()
+
+
 BLOCKS = {"data": render_data_block, "figure1": render_figure1_block, "reproduce": render_reproduce_block,
           **{f"table{n}": _table_renderer(n) for n in (1, 2, 3, 5, 6)},
-          "claims": render_claims_block, "notebooks": render_notebooks_block, "bench": render_bench_block}
+          "claims": render_claims_block, "notebooks": render_notebooks_block, "bench": render_bench_block,
+          "seeds": render_seeds_block}
 
 
 def render_readme(text: str, results_dir: Path = RESULTS_DIR) -> str:

@@ -85,3 +85,26 @@ def test_preset_verb_shows_every_table_budget():
     assert cpu["table3"]["schedule"]["iterations"] == table3.BUDGETS["cpu"].schedule.iterations
     assert cpu["table1"]["row_lr"] == table1.ROW_LR["cpu"]
     assert describe_preset("paper")["data"] == {"coco_root": "data/coco"}
+
+
+def test_table_verb_passes_seed_and_jobs(tmp_path, monkeypatch, capsys):
+    """``table N --seed S --jobs J`` trains the rows J at a time with seed S (the README's
+    second-seed command); the table's Markdown is printed."""
+    import fpnlib.data.prepare
+    import fpnlib.experiments
+    import fpnlib.experiments.claims
+
+    calls = []
+
+    def fake_run_table(number, preset, root, runs, out, **kw):
+        calls.append((number, preset, str(runs), kw))
+        (tmp_path / "out").mkdir(exist_ok=True)
+        (tmp_path / "out" / f"table{number}.md").write_text("| rows |")
+
+    monkeypatch.setattr(fpnlib.experiments, "run_table", fake_run_table)
+    monkeypatch.setattr(fpnlib.data.prepare, "ensure_dataset", lambda preset: tmp_path / "data")
+    monkeypatch.setattr(fpnlib.experiments.claims, "write_claims_report", lambda out, preset: None)
+    main(["table", "6", "--preset", "cpu", "--seed", "1", "--jobs", "2", "--out", str(tmp_path / "out"),
+          "--runs", str(tmp_path / "runs")])
+    assert calls == [(6, "cpu", str(tmp_path / "runs"), {"seed": 1, "device": "cpu", "jobs": 2})]
+    assert "| rows |" in capsys.readouterr().out

@@ -96,3 +96,31 @@ def test_reproduce_block_says_how_many_rows_trained_at_once_only_where_recorded(
         block = render_reproduce_block(tmp_path)
         assert "| table1 | 1.0 min |" in block
         assert (said in block) if said else ("at a time" not in block)
+
+
+def _table6_record(seed: int, ar: dict[str, float]) -> dict:
+    prov = {"preset": "cpu", "seed": seed, "commit": f"c{seed}", "date": "2026-01-01",
+            "hardware": {"cpu": "X", "cpu_count": 2}, "versions": {"torch": "2"}}
+    rows = {v: {"metrics": {"AR": a, "AR_s": a + 5}, "torch_threads": 1} for v, a in ar.items()}
+    return {"table": 6, "rows": rows, "provenance": prov}
+
+
+def test_seeds_block_sets_each_row_and_claim_beside_the_other_seed(tmp_path):
+    from fpnlib.report import render_seeds_block
+
+    assert "No table trained with another seed" in render_seeds_block(tmp_path)
+    (tmp_path / "cpu" / "seed1").mkdir(parents=True)
+    ar0 = {"single_5x5": 6.0, "dual": 10.0, "dual_2x_mask": 4.0, "dual_2x_train": 12.5}
+    ar1 = dict(ar0, dual=6.5)  # seed 1: the dual row lands lower
+    (tmp_path / "cpu" / "table6.json").write_text(json.dumps(_table6_record(0, ar0)))
+    (tmp_path / "cpu" / "seed1" / "table6.json").write_text(json.dumps(_table6_record(1, ar1)))
+    block = render_seeds_block(tmp_path)
+    assert "| row | AR seed 0 | AR seed 1 | AR_s seed 0 | AR_s seed 1 |" in block
+    assert "| dual | 10.0 | 6.5 | 15.0 | 11.5 |" in block
+    # one claim, two verdicts: the dual MLP's margin over 5x5 shrinks below the inconclusive 1 point
+    line = next(x for x in block.splitlines() if x.startswith("| the dual MLP beats a single 5x5 MLP"))
+    assert line.endswith("| +4.0 (reproduced) | +0.5 (inconclusive) |")
+    line = next(x for x in block.splitlines() if x.startswith("| 2x training helps"))
+    assert line.endswith("| +2.5 (reproduced) | +6.0 (reproduced) |")
+    assert "`results/cpu/seed1/table6.json` (preset `cpu`, seed 1, commit `c1`" in block
+    assert "1 thread(s) per row" in block
