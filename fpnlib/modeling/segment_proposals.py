@@ -190,7 +190,7 @@ def label_locations(
         dist2 = ((xs[None, None, :] + 0.5) * stride - cx[:, None, None]) ** 2 \
             + ((ys[None, :, None] + 0.5) * stride - cy[:, None, None]) ** 2
         # a neighbour cell past the image's right or bottom edge stays ignored, as inference
-        # never scores it; it exists only when a larger batch-mate padded the batch
+        # never scores it; whether it exists depends on the batch's padding, not on the image
         in_image = (((ys + 0.5) * stride < h)[:, None] & ((xs + 0.5) * stride < w)[None, :])[None]
         claim = near & ~crowd[gt][:, None, None] & in_image
         best, arg = dist2.masked_fill(~claim, math.inf).min(dim=0)
