@@ -215,8 +215,8 @@ def render_seeds_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> 
     for n in sorted({int(p.stem[5:]) for p in others}):
         if not (base / f"table{n}.json").exists():
             continue
-        records = [json.loads((base / f"table{n}.json").read_text())]
-        records += [json.loads(p.read_text()) for p in others if p.stem == f"table{n}"]
+        paths = [base / f"table{n}.json"] + [p for p in others if p.stem == f"table{n}"]
+        records = [json.loads(p.read_text()) for p in paths]
         seeds = [r["provenance"]["seed"] for r in records]
         metrics = SEED_METRICS.get(n, ())
         out += [f"Table {n}:", "",
@@ -228,15 +228,15 @@ def render_seeds_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> 
         claims = importlib.import_module(f"fpnlib.experiments.table{n}").claims
         checked = [claims(r) for r in records]
         out += ["", "| claim | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
-        for i, c in enumerate(checked[0]):
+        for c in checked[0]:
             cells = []
             for found in checked:
                 same = [x for x in found if (x.text, x.rows, x.metric) == (c.text, c.rows, c.metric)]
                 cells.append(f"{same[0].ours[0] - same[0].ours[1]:+.1f} ({same[0].verdict})" if same else "–")
             out.append(f"| {c.text} ({c.metric} {c.rows[0]} vs {c.rows[1]}) | " + " | ".join(cells) + " |")
-        out += ["", "; ".join(f"seed {s}: `results/{preset}/{'' if r is records[0] else f'seed{s}/'}table{n}.json` "
+        out += ["", "; ".join(f"seed {s}: `results/{preset}/{p.relative_to(base).as_posix()}` "
                               f"({_provenance_line(r['provenance'])}, {_threads(r)})"
-                              for r, s in zip(records, seeds)) + ".", ""]
+                              for p, r, s in zip(paths, records, seeds)) + ".", ""]
     return "\n".join(out).rstrip()
 
 

@@ -210,18 +210,15 @@ def _trim_log(log_path: Path, last_iteration: int) -> None:
     os.replace(tmp, log_path)  # a crash now leaves the old log whole
 
 
-def _load_resumable(ckpt_path: Path, device: torch.device) -> dict:
-    """The checkpoint ``train`` resumes from, or an error naming the file when it cannot be."""
+def _read_checkpoint(path: Path, device, needs: tuple[str, ...], remedy: str = "") -> dict:
+    """A ``train`` checkpoint with the keys ``needs``, or an error naming the file (and ``remedy``)."""
     try:
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"{ckpt_path}: not a readable fpnlib checkpoint ({type(e).__name__}: {e}); "
-                         f"move it away, or pass resume=False, to train from scratch") from e
-    missing = [k for k in ("model", "optimizer", "iteration", "schedule", "seed")
-               if not isinstance(state, dict) or k not in state]
+        raise ValueError(f"{path}: not a readable fpnlib checkpoint ({type(e).__name__}: {e}){remedy}") from e
+    missing = [k for k in needs if not isinstance(state, dict) or k not in state]
     if missing:
-        raise ValueError(f"{ckpt_path}: not a train() checkpoint (missing {', '.join(missing)}); "
-                         f"move it away, or pass resume=False, to train from scratch")
+        raise ValueError(f"{path}: not a train() checkpoint (missing {', '.join(missing)}){remedy}")
     return state
 
 
@@ -325,7 +322,8 @@ def train(
     saved = None  # the iteration last.pt holds
     commits = []  # the code version of every session that trained this run (provenance)
     if resume and ckpt_path.exists():
-        state = _load_resumable(ckpt_path, device)
+        state = _read_checkpoint(ckpt_path, device, ("model", "optimizer", "iteration", "schedule", "seed"),
+                                 "; move it away, or pass resume=False, to train from scratch")
         if state["seed"] != seed or state["schedule"] != asdict(schedule):
             raise ValueError(f"{ckpt_path}: checkpoint was made with another seed or schedule "
                              f"({state['seed']}, {state['schedule']}); use another out_dir or resume=False")
@@ -440,10 +438,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, device: str | tor
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint")
-    try:
-        state = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"{path}: not a readable fpnlib checkpoint ({e})") from e
+    state = _read_checkpoint(path, device, ("model",))
     model.load_state_dict(state["model"])
     return {k: v for k, v in state.items() if k not in ("model", "optimizer")}
 
