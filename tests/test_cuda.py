@@ -248,7 +248,10 @@ def test_roialign_of_all_levels_in_one_kernel_matches_torchvisions_on_cuda(monke
     if not kernel.enabled("cuda"):
         pytest.skip("no Triton: torchvision's roi_align is the path")
     feats, _ = _pyramid(800, 1216, c=256, n=2)
-    boxes = [b.cuda() for b in _boxes(2, 500, 800, 1216)]
+    # _boxes' sides stop at 400 px, below P5's 448 (Eq. 1), and a map without RoIs has no gradient
+    # on torchvision's level-by-level path: 50 boxes of each image are made twice as large
+    boxes = [torch.cat([b, torch.cat([big[:, :2], 2 * big[:, 2:] - big[:, :2]], 1)]).cuda()
+             for b, big in zip(_boxes(2, 450, 800, 1216), _boxes(2, 50, 800, 1216, seed=2))]
     weights = torch.randn(1000, 256, 7, 7, generator=torch.Generator().manual_seed(0)).cuda()
     for dtype in (torch.float32, torch.bfloat16):
         maps = {k: v.cuda().to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
