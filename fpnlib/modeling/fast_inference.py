@@ -1,6 +1,6 @@
 """Faster inference, same detections: a model rewritten for evaluation only.
 
-Nothing here is in the paper; it is how a trained detector is run cheaply. Two rewrites, each
+Nothing here is in the paper; it is how a trained detector is run cheaply. Three rewrites, each
 exact up to float rounding (``tests/test_fast_inference.py`` checks proposals and detections
 against the plain model):
 
@@ -9,6 +9,9 @@ against the plain model):
   ``bn(conv(x, W)) = conv(x, W * s) + b``: one pass over the activations less per convolution.
   It applies to the paper's ``frozen_bn`` backbones (and torchvision's weights); GroupNorm
   depends on its input's statistics and is left as it is.
+* **Convolution, bias, shortcut and ReLU in one cuDNN call** on a GPU once the BN is folded
+  (``fused_conv``): the separate passes over the activations cost a GPU more than the convolutions
+  of some layers.
 * **channels_last** memory format for the convolutional part, which oneDNN (CPU) and cuDNN
   run faster for many layer shapes; the input batch is converted once at the backbone.
 
@@ -21,6 +24,8 @@ import copy
 import torch
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
+
+from .fused_conv import fuse_blocks
 
 
 def fold_conv_frozen_bn(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> nn.Conv2d:
@@ -78,6 +83,10 @@ def optimized_for_inference(model: nn.Module, channels_last: bool = True, fold_b
         n = fold_frozen_bn(fast)
         if n:
             applied.append(f"{n} frozen BN folded")
+            # before channels_last: ConvReLU.of copies weights into fresh (contiguous) parameters
+            fused = sum(fuse_blocks(backbone) for backbone in _backbones(fast))
+            if fused:
+                applied.append(f"{fused} convolutions end in their ReLU (one cuDNN call on CUDA)")
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
         for backbone in _backbones(fast):

@@ -27,6 +27,7 @@ from torchvision.ops import batched_nms
 
 from .anchor_labels import POSITIVE, label_anchors_batch, padded, sample_batch
 from .box_coder import clip_boxes, clip_boxes_per_image, decode, encode, usable_boxes
+from .fused_conv import conv_relu
 from .group_nms import grouped_nms, use_group_nms
 from .guessed_sizes import LEARNED, active, read
 from .parallel_pieces import map_pieces
@@ -76,7 +77,7 @@ class _HeadBranch(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if sparse_backward_applies(x):  # same outputs; backward at the sampled anchors only
             return head_with_sampled_backward(x, self.conv, self.objectness, self.deltas)
-        x = F.relu(self.conv(x))
+        x = conv_relu(self.conv, x)  # one cuDNN call in CUDA inference (fused_conv)
         return self.objectness(x), self.deltas(x)
 
 
