@@ -54,11 +54,19 @@ def test_unfolded_blocks_are_left_alone():
         and not isinstance(backbone.layer1[0], FusedBlock)
 
 
-def test_optimized_model_lists_the_fusion_and_keeps_channels_last_weights():
+def test_only_the_optimized_copy_fuses_and_its_weights_stay_channels_last():
+    """The inference copy fuses its backbone's blocks and its RPN head's 3x3 conv; the model it
+    was made from (the plain path, compared with torchvision) keeps separate operators."""
     from test_fast_inference import _model
 
-    fast = optimized_for_inference(_model())
-    assert any("end in their ReLU" in o for o in fast.optimizations)
+    model = _model()
+    fast = optimized_for_inference(model)
+    # ResNet-18: the stem and 8 blocks of 2 convolutions; one RPN head shared by the levels
+    assert "18 convolutions end in their ReLU (one cuDNN call on CUDA)" in fast.optimizations
+    heads = [m for m in fast.modules() if hasattr(m, "fused_relu")]
+    assert len(heads) == 1 and heads[0].fused_relu
+    assert not any(m.fused_relu for m in model.modules() if hasattr(m, "fused_relu"))
+    assert not any(isinstance(m, (FusedBlock, ConvReLU)) for m in model.modules())
     assert fast.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
 
 

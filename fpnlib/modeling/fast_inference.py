@@ -69,7 +69,8 @@ def _to_channels_last(_module, args):
 
 
 def optimized_for_inference(model: nn.Module, channels_last: bool = True, fold_bn: bool = True) -> nn.Module:
-    """A copy of ``model`` (an fpnlib detector) for evaluation: frozen BN folded, channels_last.
+    """A copy of ``model`` (an fpnlib detector) for evaluation: frozen BN folded, convolutions
+    ending in ReLU fused on CUDA (``fused_conv``), channels_last.
 
     The backbone is found as ``model.backbone`` (and ``model.rpn_network.backbone`` for the
     unshared Faster R-CNN); the copy's ``optimizations`` lists what was applied."""
@@ -83,10 +84,13 @@ def optimized_for_inference(model: nn.Module, channels_last: bool = True, fold_b
         n = fold_frozen_bn(fast)
         if n:
             applied.append(f"{n} frozen BN folded")
-            # before channels_last: ConvReLU.of copies weights into fresh (contiguous) parameters
-            fused = sum(fuse_blocks(backbone) for backbone in _backbones(fast))
-            if fused:
-                applied.append(f"{fused} convolutions end in their ReLU (one cuDNN call on CUDA)")
+    # before channels_last: ConvReLU.of copies weights into fresh (contiguous) parameters
+    fused = sum(fuse_blocks(backbone) for backbone in _backbones(fast))  # blocks whose BN is folded
+    heads = [m for m in fast.modules() if hasattr(m, "fused_relu")]  # the RPN head's 3x3 conv
+    for head in heads:
+        head.fused_relu = True
+    if fused + len(heads):
+        applied.append(f"{fused + len(heads)} convolutions end in their ReLU (one cuDNN call on CUDA)")
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
         for backbone in _backbones(fast):
@@ -120,8 +124,9 @@ def compile_body(model: nn.Module, backend: str = "inductor") -> list[str]:
     replaced: the modules, their parameters, state_dict and hooks stay as they were, so
     checkpoints, the optimizer and the bench's per-stage hooks see the same model. Returns the
     compiled parts' names. An option to measure (``python -m fpnlib bench --compile``), not a
-    default: on the 2-core CPU training ran slower and inference gained nothing clear
-    (``results/bench/ab/``)."""
+    default: on the 2-core CPU training ran slower and inference gained nothing clear; on an
+    H200 both ran faster on the bench's one batch shape, but a trainer's or evaluator's batches
+    change shape and each shape compiles again, a cost not measured (``results/bench/ab/``)."""
     compiled = []
     for name, part in _parts(model, ("backbone", "neck")):
         if not getattr(part, "_fpnlib_compiled", False):

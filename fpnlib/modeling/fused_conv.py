@@ -3,12 +3,15 @@
 Nothing here is in the paper. Once frozen BN is folded (``fast_inference``), a ResNet block is
 conv + bias -> ReLU, then again, then conv + bias + shortcut -> ReLU. Eager PyTorch runs
 cuDNN's convolution and then adds the bias, the shortcut and the ReLU as separate passes over
-the activations; on an H200, R50-FPN's backbone + FPN at 800x1333, batch 8, spent about 6 of
-its 14.8 ms in the bias additions alone (profiled: ``results/bench/ab/README.md``). cuDNN's
-fused operators ``torch.cudnn_convolution_relu`` and ``torch.cudnn_convolution_add_relu`` do the
-bias, shortcut and ReLU in the convolution's epilogue.
+the activations. On an H200, R50-FPN's backbone + FPN at 800x1333, batch 8 (14.8 ms), spent
+about 5 ms per step in the bias additions, more than in the convolutions' own kernels
+(profiled: ``results/bench/ab/cuda-nvidia-h200-profile.txt``, over 3 steps; its operator rows
+count their kernels' time again). cuDNN's fused operators ``torch.cudnn_convolution_relu`` and
+``torch.cudnn_convolution_add_relu`` do the bias, shortcut and ReLU in the convolution's
+epilogue: measured on the H200, the body alone took 9.0 ms instead of 14.4 ms
+(``results/bench/ab/cuda-nvidia-h200-no-fused-conv.json`` against the H200 record).
 
-They apply to CUDA tensors without autograd (they have no backward) and outside them the same
+They apply to CUDA tensors without autograd (they have no backward); elsewhere the same
 arithmetic runs as separate operators, in torchvision's order, so a CPU gives bit for bit the
 unfused model's outputs (``tests/test_fused_conv.py``). Autocast does not know these operators:
 the operands are cast here to autocast's dtype, the weights once per dtype and weight version.

@@ -64,6 +64,8 @@ class RPNConfig:
 class _HeadBranch(nn.Module):
     """3x3 conv + ReLU, then sibling 1x1 convs: A objectness logits and 4A box deltas."""
 
+    fused_relu = False  # set on an inference copy (fast_inference): conv + ReLU in one cuDNN call
+
     def __init__(self, in_channels: int, hidden: int, num_anchors: int):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, hidden, 3, padding=1)
@@ -77,7 +79,7 @@ class _HeadBranch(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if sparse_backward_applies(x):  # same outputs; backward at the sampled anchors only
             return head_with_sampled_backward(x, self.conv, self.objectness, self.deltas)
-        x = conv_relu(self.conv, x)  # one cuDNN call in CUDA inference (fused_conv)
+        x = conv_relu(self.conv, x) if self.fused_relu else F.relu(self.conv(x))
         return self.objectness(x), self.deltas(x)
 
 
