@@ -188,3 +188,46 @@ def test_a_real_row_that_diverges_is_trained_again_at_half_the_rate(smoke_root, 
     for rate in ("1e+06", "500000"):  # each diverged run's log is kept
         assert (run_dir / f"diverged-lr{rate}" / "log.jsonl").exists()
     assert json.loads((run_dir / "lowered_lr.json").read_text())["lr"] == 250000.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not Path(f"/proc/{pid}/stat").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def test_row_workers_stop_when_their_parent_is_killed(tmp_path):
+    """A table run killed on its own (SIGKILL: no handler, no Ctrl-C reaching the group) leaves
+    no row worker training: each sees its parent gone and sends itself SIGTERM, which a training
+    run turns into a checkpoint (``_stop_with_parent``). Before, the workers ran on orphaned."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tests = Path(__file__).parent
+    env = dict(os.environ, ORPHAN_DIR=str(tmp_path),
+               PYTHONPATH=os.pathsep.join([str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")]))
+    parent = subprocess.Popen([sys.executable, str(tests / "orphan_rows.py"), str(tmp_path)], env=env)
+    try:
+        pid_files = [tmp_path / "a.pid", tmp_path / "b.pid"]
+        deadline = time.monotonic() + 120
+        while not all(p.exists() and p.read_text() for p in pid_files):
+            assert parent.poll() is None and time.monotonic() < deadline, "the row workers did not start"
+            time.sleep(0.2)
+        workers = [int(p.read_text()) for p in pid_files]
+        assert all(_alive(w) for w in workers)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 15
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(w) for w in workers), "row workers still running after their parent was killed"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for p in tmp_path.glob("*.pid"):
+            if p.read_text() and _alive(int(p.read_text())):
+                os.kill(int(p.read_text()), signal.SIGKILL)

@@ -136,6 +136,34 @@ def share_cores(processes: int) -> int:
     return threads
 
 
+def _stop_with_parent(poll_s: float = 0.5, grace_s: float = 60.0) -> None:
+    """In a row worker: send itself SIGTERM once its parent process is gone. Ctrl-C reaches the
+    workers too, but a parent killed on its own (SIGTERM, SIGKILL) left them training, orphaned.
+    SIGTERM stops a training run as an interrupt does: at a whole step, with a checkpoint that
+    the next run resumes from (``fpnlib.engine.train``). The worker then waits for a task that
+    no parent will send, so after ``grace_s`` it exits."""
+    import os
+    import signal
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="fpnlib-parent-watch", daemon=True).start()
+
+
+def _row_worker(processes: int) -> None:
+    """``run_rows``' worker initializer: its share of the cores, and an end with its parent."""
+    share_cores(processes)
+    _stop_with_parent()
+
+
 def _file_digest(path: Path) -> str:
     import hashlib
 
@@ -323,7 +351,7 @@ def run_rows(record: dict, variants: Sequence[str], run_one: Callable[[str], dic
 
         from tqdm.auto import tqdm
 
-        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=share_cores,
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_row_worker,
                                  initargs=(jobs,)) as pool:
             futures = {pool.submit(run_one, v): v for v in variants}
             for fut in tqdm(as_completed(futures), total=len(futures), desc=f"Table {n} rows ({jobs} at once)"):
