@@ -3,7 +3,7 @@
 Skipped where no GPU is (CI has none); run on a lent GPU machine, where the record of the run
 is kept (``results/bench/cuda-*.pytest.txt``). Tolerances:
 
-* float32 with TF32 off: the optimized inference path (folded BN, channels_last) gives the plain
+* float32 with TF32 off: the optimized inference path (folded BN, fused convolutions, channels_last) gives the plain
   path's detections within 1e-3 px, the CPU test's tolerance (``test_fast_inference.py``);
 * bf16 autocast moves activations by ~1e-2 relative, so detections are compared as sets: at
   least 85% of the float32 detections are found (same label, IoU >= 0.9). The untrained model's

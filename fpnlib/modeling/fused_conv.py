@@ -3,7 +3,7 @@
 Nothing here is in the paper. Once frozen BN is folded (``fast_inference``), a ResNet block is
 conv + bias -> ReLU, then again, then conv + bias + shortcut -> ReLU. Eager PyTorch runs
 cuDNN's convolution and then adds the bias, the shortcut and the ReLU as separate passes over
-the activations. On an H200, R50-FPN's backbone + FPN at 800x1333, batch 8 (14.8 ms), spent
+the activations. On an H200, R50-FPN's backbone + FPN at 800x1333, batch 8, spent
 about 5 ms per step in the bias additions, more than in the convolutions' own kernels
 (profiled: ``results/bench/ab/cuda-nvidia-h200-profile.txt``, over 3 steps; its operator rows
 count their kernels' time again). cuDNN's fused operators ``torch.cudnn_convolution_relu`` and
