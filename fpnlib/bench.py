@@ -336,12 +336,15 @@ def peak_memory(cfg: BenchConfig, ours, theirs, images, targets, device, fast=No
     (of the eager models). ``fast``: fpnlib's inference model, as for :func:`_steps`."""
     out = {}
     if str(device).startswith("cuda"):
+        from fpnlib.modeling.cuda_graphs import paused
+
         steps = _steps(ours, theirs, cfg, images, targets, device, fast=fast)
         for lib, fns in steps.items():
             for mode, fn in fns.items():
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-                fn()
+                with paused(fast):  # an eager pass: a replay allocates nothing (its graph keeps a pass's memory)
+                    fn()
                 torch.cuda.synchronize()
                 out[f"{lib}_{mode}"] = {"peak_over_before_mib": round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)}
         return out
@@ -428,7 +431,7 @@ def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", 
     images, targets = synthetic_batch(cfg, device=device)
     from fpnlib.modeling.fast_inference import compile_body, for_cuda_training, optimized_for_inference
     from fpnlib.host_work import count_host_work, device_busy
-    from fpnlib.modeling import fused_conv, guessed_sizes, pyramid_roi_align, rpn_head_grad
+    from fpnlib.modeling import cuda_graphs, fused_conv, guessed_sizes, pyramid_roi_align, rpn_head_grad
     from fpnlib.modeling.group_nms import path_note, use_group_nms
 
     fast = optimized_for_inference(ours)
@@ -437,7 +440,8 @@ def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", 
     record = {"config": asdict(cfg), "device": device, "reps": reps, "warmup": warmup,
               "fpnlib_inference_path": list(fast.optimizations) + (["bf16 autocast"] if cuda else [])
               + [path_note(device)] + ([guessed_sizes.path_note()] if use_group_nms(device) else [])
-              + ([pyramid_roi_align.path_note(device), fused_conv.path_note()] if cuda else []) + compiled,
+              + ([pyramid_roi_align.path_note(device), fused_conv.path_note(), cuda_graphs.path_note(fast)]
+                 if cuda else []) + compiled,
               "fpnlib_training_path": (["bf16 autocast", "channels_last", "cudnn.benchmark",
                                         pyramid_roi_align.path_note(device)] if cuda
                                        else ["float32, NCHW; RoIAlign and NMS per image on the CPU's threads (parallel_pieces)",
@@ -465,6 +469,8 @@ def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", 
             body = body_seconds(fast, cfg, images, device, reps, warmup)
             record[mode]["fpnlib_backbone_fpn_alone_s"] = round(body, 5)
             record[mode]["fpnlib_detector_over_backbone_fpn"] = round(med["fpnlib"] / body, 3)
+            if getattr(fast, "inference_graphs", None) is not None:  # how the passes so far ran
+                record[mode]["cuda_graph_passes"] = dict(fast.inference_graphs.stats)
         # operators and waits for the device of one step; fpnlib's counted on its CUDA path
         record[mode]["host_work"] = {lib: count_host_work(steps[lib][mode], device, cuda_path=lib == "fpnlib", warmup=1)
                                      for lib in ("fpnlib", "torchvision")}
@@ -475,7 +481,8 @@ def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", 
             except RuntimeError as err:
                 record[mode]["device_busy"] = {"error": f"{type(err).__name__}: {err}"}
         model = fast if mode == "infer" else ours
-        record[mode]["fpnlib_stages"] = stage_breakdown(model, steps["fpnlib"][mode], max(3, reps // 2), device)
+        with cuda_graphs.paused(model):  # a replayed graph calls no module's timing hooks
+            record[mode]["fpnlib_stages"] = stage_breakdown(model, steps["fpnlib"][mode], max(3, reps // 2), device)
     if memory and (cuda or not compile):  # a CPU's probes build eager models in fresh processes
         if progress:
             print(f"[bench] {name}: peak memory", flush=True)
@@ -532,6 +539,8 @@ def paper_runtime(device: str, min_size: int, max_size: int, reps: int = 5, warm
         out.setdefault("rois_per_image", {})[name] = _rois_per_image(fast, images, min_size, max_size)
         seconds = _median_seconds(lambda: detect(fast, images, min_size, max_size), reps, warmup, device)
         out["s_per_image"][name] = round(seconds, 5)
+        if getattr(fast, "inference_graphs", None) is not None:  # how its passes ran (FPNLIB_CUDA_GRAPHS=1)
+            out.setdefault("cuda_graph_passes", {})[name] = dict(fast.inference_graphs.stats)
         del model, fast
     t = out["s_per_image"]
     out["single_scale_over_fpn_shared"] = round(t["c4_conv5_single_scale"] / t["fpn_shared"], 3)

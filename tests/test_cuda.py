@@ -311,6 +311,50 @@ def test_guessed_sizes_give_the_read_ones_and_inference_waits_once_on_cuda(monke
     assert work["waits"] == 1, work  # the detections' counts, read with every guess's check
 
 
+@pytest.mark.parametrize("amp", [False, True])
+def test_cuda_graph_replays_give_the_eager_detections_with_one_wait(monkeypatch, fresh_learned_guesses, amp):
+    from dataclasses import replace
+
+    from fpnlib.host_work import count_host_work
+    from fpnlib.modeling.fast_inference import optimized_for_inference
+    from fpnlib.modeling.torchvision_interop import detect
+
+    model, images = _model_and_images()
+    eager, graphed = (optimized_for_inference(model, cuda_graphs=graphs) for graphs in (False, True))
+    for fast in (eager, graphed):  # as above: the proposal counts guessed, not read
+        fast.rpn.cfg = replace(fast.rpn.cfg, post_nms_top_n_test=300)
+    batches = [images, [im.flip(-1) for im in images], [im.flip(-2) for im in images], images]
+    expected = [detect(eager, b, 96, 128, amp=amp) for b in batches]
+    got = [detect(graphed, b, 96, 128, amp=amp) for b in batches]
+    graphs = graphed.inference_graphs
+    assert graphs.stats == {"eager": 2, "captured": 1, "replayed": 2}, graphs.stats
+    for e, g in zip(expected, got, strict=True):  # each output kept, not overwritten by the next replay
+        for a, b in zip(e, g, strict=True):
+            assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+    work = count_host_work(lambda: detect(graphed, images, 96, 128, amp=amp), "cuda")
+    print(f"a replayed pass: {work['ops']} operators, {work['waits']} wait(s)")
+    assert work["waits"] == 1 and work["ops"] < 100, work
+
+
+def test_a_pass_that_would_wait_is_not_captured_on_cuda(monkeypatch, fresh_learned_guesses):
+    from dataclasses import replace
+
+    from fpnlib.modeling.fast_inference import optimized_for_inference
+    from fpnlib.modeling.torchvision_interop import detect
+
+    monkeypatch.setenv("FPNLIB_TRITON_ROI_ALIGN", "0")  # the per-level RoIAlign reads its levels' counts
+    model, images = _model_and_images()
+    model.rpn.cfg = replace(model.rpn.cfg, post_nms_top_n_test=300)  # counts guessed: only RoIAlign reads
+    eager, graphed = (optimized_for_inference(model, cuda_graphs=graphs) for graphs in (False, True))
+    expected = detect(eager, images, 96, 128)
+    with pytest.warns(UserWarning, match="capture failed"):
+        got = [detect(graphed, images, 96, 128) for _ in range(3)]
+    assert graphed.inference_graphs.stats == {"eager": 3, "refused": 1}, graphed.inference_graphs.stats
+    for outputs in got:
+        for a, b in zip(expected, outputs, strict=True):
+            assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+
+
 def test_the_gpus_busy_share_is_measured_and_falls_when_the_host_makes_it_wait():
     from fpnlib.host_work import device_busy
 

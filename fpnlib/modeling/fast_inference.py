@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from . import cuda_graphs as graphs
 from .fused_conv import fuse_blocks
 
 
@@ -68,9 +69,12 @@ def _to_channels_last(_module, args):
     return (x.contiguous(memory_format=torch.channels_last), *rest)
 
 
-def optimized_for_inference(model: nn.Module, channels_last: bool = True, fold_bn: bool = True) -> nn.Module:
+def optimized_for_inference(model: nn.Module, channels_last: bool = True, fold_bn: bool = True,
+                            cuda_graphs: bool | None = None) -> nn.Module:
     """A copy of ``model`` (an fpnlib detector) for evaluation: frozen BN folded, convolutions
-    ending in ReLU fused on CUDA (``fused_conv``), channels_last.
+    ending in ReLU fused on CUDA (``fused_conv``), channels_last; with ``cuda_graphs`` (default:
+    ``FPNLIB_CUDA_GRAPHS=1``), a Faster R-CNN's passes on CUDA replayed from a graph per batch
+    shape (``cuda_graphs``).
 
     The backbone is found as ``model.backbone`` (and ``model.rpn_network.backbone`` for the
     unshared Faster R-CNN); the copy's ``optimizations`` lists what was applied."""
@@ -96,6 +100,9 @@ def optimized_for_inference(model: nn.Module, channels_last: bool = True, fold_b
         for backbone in _backbones(fast):
             backbone.register_forward_pre_hook(_to_channels_last)
         applied.append("channels_last")
+    if (graphs.wanted() if cuda_graphs is None else cuda_graphs) and hasattr(fast, "padded_detections"):
+        fast.inference_graphs = graphs.InferenceGraphs()
+        applied.append("CUDA graphs")
     fast.optimizations = tuple(applied)
     return fast
 

@@ -31,7 +31,7 @@ from .detectors import RPNDetector, RPNDetectorConfig, batch_images, build_rpn
 from .fast_rcnn import FastRCNN, FastRCNNConfig
 from .group_nms import use_group_nms
 from .guessed_sizes import with_guessed_sizes
-from .postprocess import detections_from_head
+from .postprocess import PaddedDetections, detections_from_head, grouped_detections
 from .rpn import RPN, RPNConfig
 
 # Table 3 row -> the RPN (a Table 1 row) on the same backbone type
@@ -95,21 +95,42 @@ class FasterRCNN(FastRCNN):
     def _rpn_maps(self, batch: Tensor, maps: dict[str, Tensor]) -> dict[str, Tensor]:
         return maps if self.rpn_network is None else self.rpn_network._maps(batch)
 
+    def _head_outputs(self, maps: dict[str, Tensor], rpn_maps: dict[str, Tensor], hws: list[tuple[int, int]]):
+        """Inference's proposals and the head's (logits, deltas) for them."""
+        proposals = [p[0] for p in self.rpn(rpn_maps, hws)[0]]
+        return proposals, *self.predictor(self.head(self.roi_features(maps, proposals)))
+
+    def detect(self, batch: Tensor, hws: list[tuple[int, int]], guess: bool = True) -> list[dict[str, Tensor]]:
+        """Evaluation's detections for a padded ``batch`` of images of sizes ``hws``. On the
+        grouped-NMS path the sizes in the middle are guessed, checked at the end
+        (``guessed_sizes``); ``guess=False`` reads them where needed and learns from that pass."""
+        maps = self._maps(batch)
+        rpn_maps = self._rpn_maps(batch, maps)
+
+        def detect():
+            proposals, logits, deltas = self._head_outputs(maps, rpn_maps, hws)
+            return detections_from_head(logits, deltas, proposals, hws, self.cfg.score_thresh,
+                                        self.cfg.nms_thresh, self.cfg.detections_per_img)
+
+        return with_guessed_sizes(detect, use_group_nms(batch.device), guess)
+
+    def padded_detections(self, batch: Tensor, hws: list[tuple[int, int]]) -> PaddedDetections:
+        """:meth:`detect` on the grouped-NMS path, left on the device as one padded batch: inside
+        a guessing pass no operator waits for the device, so ``cuda_graphs`` captures this."""
+        maps = self._maps(batch)
+        proposals, logits, deltas = self._head_outputs(maps, self._rpn_maps(batch, maps), hws)
+        return grouped_detections(logits, deltas, proposals, hws, self.cfg.score_thresh, self.cfg.nms_thresh,
+                                  self.cfg.detections_per_img)
+
     def forward(self, images: list[Tensor], targets: list[dict] | None = None):
         if self.stage not in STAGES:
             raise ValueError(f"unknown stage {self.stage!r}; choose one of {STAGES}")
         batch, hws = batch_images(images, self.cfg.size_divisible)
+        if not self.training:
+            graphs = getattr(self, "inference_graphs", None)  # set by optimized_for_inference
+            return self.detect(batch, hws) if graphs is None else graphs(self, batch, hws)
         maps = self._maps(batch)
         rpn_maps = self._rpn_maps(batch, maps)
-        if not self.training:
-            def detect():
-                proposals = [p[0] for p in self.rpn(rpn_maps, hws)[0]]
-                logits, deltas = self.predictor(self.head(self.roi_features(maps, proposals)))
-                return detections_from_head(logits, deltas, proposals, hws, self.cfg.score_thresh,
-                                            self.cfg.nms_thresh, self.cfg.detections_per_img)
-
-            # on the grouped-NMS path the sizes in the middle are guessed, checked at the end
-            return with_guessed_sizes(detect, use_group_nms(batch.device))
         if targets is None or len(targets) != len(images):
             raise ValueError(f"training needs one target per image ({len(images)} images)")
         if self.stage == "rpn":  # nothing downstream needs proposals

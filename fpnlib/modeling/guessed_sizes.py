@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -52,6 +53,11 @@ class Guesses:
 
     def rounds_for(self, site: str) -> int:
         return self.rounds.get(site, self.START_ROUNDS)
+
+    def snapshot(self) -> Hashable:
+        """All that was learned, hashable: a pass captured under these guesses (``cuda_graphs``)
+        is valid only while it is unchanged."""
+        return tuple(sorted(self.rounds.items())), self.width, self.groups, frozenset(self.counts_read)
 
     def took_rounds(self, site: str, rounds: int) -> None:
         """NMS at ``site`` converged in ``rounds`` in a pass run again after a failed guess."""
@@ -81,11 +87,17 @@ class Misguessed(RuntimeError):
         self.failed = failed
 
 
+class NotCapturable(RuntimeError):
+    """A pass being captured (``cuda_graphs``) needed a size read from the device, e.g. the
+    proposal counts of a pyramid shape whose images kept fewer than ``post_nms_top_n``."""
+
+
 class Guessing:
     """The checks of one guessed pass, read with the pass's last read of the device."""
 
-    def __init__(self):
+    def __init__(self, capturing: bool = False):
         self.checks: list[tuple[Hashable, Tensor, int]] = []
+        self.capturing = capturing  # a CUDA graph's capture: a read would wait, so it is refused
 
     def check(self, what: Hashable, needed: Tensor, guessed: int) -> None:
         """Keep the largest of ``needed`` (integers) to compare, when read, with ``guessed``, the
@@ -95,6 +107,8 @@ class Guessing:
     def read(self, values: Tensor | None = None) -> list[int]:
         """``values.tolist()`` (integers) and every check in one read; raises :class:`Misguessed`
         if a check failed, since then ``values`` came from a wrong guess."""
+        if self.capturing:
+            raise NotCapturable("a pass being captured reads a size from the device")
         parts = ([] if values is None else [values.reshape(-1).to(torch.int64)]) + [c for _, c, _ in self.checks]
         if not parts:
             return []
@@ -122,6 +136,19 @@ def read(values: Tensor) -> list[int]:
     return values.tolist() if guessing is None else guessing.read(values)
 
 
+@contextmanager
+def guessing_pass(capturing: bool = False) -> Iterator[Guessing]:
+    """A guessing pass in this thread whose checks the caller reads (``cuda_graphs``: a pass
+    captured, or run to warm up for its capture, where ``capturing`` refuses every read)."""
+    if active() is not None:
+        raise RuntimeError("guessing_pass: a guessing pass is already active in this thread")
+    _state.guessing = guessing = Guessing(capturing)
+    try:
+        yield guessing
+    finally:
+        _state.guessing = None
+
+
 def guessing_enabled() -> bool:
     return os.environ.get("FPNLIB_GUESS_SIZES", "1") != "0"
 
@@ -132,20 +159,22 @@ def path_note() -> str:
             else "sizes read where needed (FPNLIB_GUESS_SIZES=0)")
 
 
-def with_guessed_sizes(run: Callable[[], T], enabled: bool = True) -> T:
+def with_guessed_sizes(run: Callable[[], T], enabled: bool = True, guess: bool = True) -> T:
     """``run()`` with the sizes guessed (where ``enabled``, and guessing is not switched off);
-    after a failed check, the guesses learn and ``run()`` runs again, reading each size."""
+    after a failed check, the guesses learn and ``run()`` runs again, reading each size.
+    ``guess=False``: only that second pass (a caller that already knows a guess failed)."""
     if not enabled or not guessing_enabled() or active() is not None:
         return run()
-    _state.guessing = guessing = Guessing()
-    try:
-        out = run()
-        guessing.read()  # checks no read took along (none on fpnlib's detectors)
-        return out
-    except Misguessed as wrong:
-        LEARNED.learn(wrong.failed)
-    finally:
-        _state.guessing = None
+    if guess:
+        _state.guessing = guessing = Guessing()
+        try:
+            out = run()
+            guessing.read()  # checks no read took along (none on fpnlib's detectors)
+            return out
+        except Misguessed as wrong:
+            LEARNED.learn(wrong.failed)
+        finally:
+            _state.guessing = None
     _state.learning = True
     try:
         return run()

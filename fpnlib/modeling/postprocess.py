@@ -8,7 +8,7 @@ The values (0.05, 0.5, 100) are Detectron's, whose FPN models the paper's number
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -53,22 +53,40 @@ def _detections_for_image(
     return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
 
 
-def _detections_grouped(
+class PaddedDetections(NamedTuple):
+    """All images' detections in one padded batch, as the grouped path leaves them on the device:
+    ``boxes`` ``[N, D, 4]``, ``scores`` ``[N, D]``, ``labels`` ``[N, D]``; image ``i``'s detections
+    are its first ``found[i]`` rows (``found`` ``[N]`` int64), by decreasing score."""
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    found: Tensor
+
+    def per_image(self, found: Sequence[int]) -> list[dict[str, Tensor]]:
+        """Each image's first ``found[i]`` rows (views), ``found`` read from :attr:`found`."""
+        return [{"boxes": b[:count], "scores": sc[:count], "labels": lab[:count]}
+                for b, sc, lab, count in zip(self.boxes.unbind(0), self.scores.unbind(0), self.labels.unbind(0), found)]
+
+
+@torch.no_grad()
+def grouped_detections(
     class_logits: Tensor,
     box_deltas: Tensor,
     rois_per_image: Sequence[Tensor],
     image_hws: Sequence[tuple[int, int]],
-    score_thresh: float,
-    nms_thresh: float,
-    detections_per_img: int,
-    min_size: float,
-    weights: Sequence[float],
-) -> list[dict[str, Tensor]]:
-    """``_detections_for_image`` for all images at once (``group_nms``): every (image, class)
-    with a candidate is one NMS group. The host waits for the groups' sizes, to test NMS's
-    convergence, and for the images' counts; inside ``with_guessed_sizes`` for the counts only,
-    read with the checks of the guesses (the widest group and the number of groups per image,
-    as learned)."""
+    score_thresh: float = 0.05,
+    nms_thresh: float = 0.5,
+    detections_per_img: int = 100,
+    min_size: float = 1e-2,
+    weights: Sequence[float] = FAST_RCNN_BOX_WEIGHTS,
+) -> PaddedDetections:
+    """``_detections_for_image`` for all images at once (``group_nms``), left padded on the
+    device: every (image, class) with a candidate is one NMS group. The host waits for the
+    groups' sizes and to test NMS's convergence; inside ``with_guessed_sizes`` for neither (the
+    widest group and the number of groups per image are guessed as learned, and checked when
+    the caller reads ``found``), so the whole pass can be captured in a CUDA graph
+    (``cuda_graphs``)."""
     counts = [r.shape[0] for r in rois_per_image]
     n_img, n_cls, width = len(counts), class_logits.shape[1] - 1, max(counts, default=0)
     scores = torch.softmax(class_logits.float(), dim=-1)[:, 1:]
@@ -98,8 +116,9 @@ def _detections_grouped(
         sizes = read(group_sizes)  # wait: which groups, how wide
         n, n_groups = max(sizes, default=0), sum(size > 0 for size in sizes)
         if n == 0:
-            return [{"boxes": boxes.new_zeros((0, 4)), "scores": scores.new_zeros((0,)),
-                     "labels": torch.zeros((0,), dtype=torch.int64, device=scores.device)} for _ in range(n_img)]
+            return PaddedDetections(boxes.new_zeros((n_img, 0, 4)), scores.new_zeros((n_img, 0)),
+                                    torch.zeros((n_img, 0), dtype=torch.int64, device=scores.device),
+                                    torch.zeros((n_img,), dtype=torch.int64, device=scores.device))
     # the groups' rows, found on the device (a list of them copied from the host would wait);
     # rows beyond the groups with a candidate are the empty one
     empty_row = n_img * n_cls
@@ -116,13 +135,11 @@ def _detections_grouped(
     kept, kept_boxes = kept[:-1], kept_boxes[:-1]
     best = kept.view(n_img, -1).argsort(dim=1, descending=True, stable=True)[:, :detections_per_img]
     found = torch.isfinite(kept).view(n_img, -1).sum(dim=1).clamp(max=detections_per_img)
-    found = read(found)  # the wait (in a guessing pass, with the guesses' checks)
-    # gathered for all images at once; each image then takes its first `found` rows (views)
+    # gathered for all images at once; each image then takes its first `found` rows
     best_boxes = torch.take_along_dim(kept_boxes.view(n_img, -1, 4), best[..., None], dim=1)
     best_scores = torch.take_along_dim(kept.view(n_img, -1), best, dim=1)
     best_labels = torch.div(best, n, rounding_mode="floor") + 1
-    return [{"boxes": b[:count], "scores": sc[:count], "labels": lab[:count]}
-            for b, sc, lab, count in zip(best_boxes.unbind(0), best_scores.unbind(0), best_labels.unbind(0), found)]
+    return PaddedDetections(best_boxes, best_scores, best_labels, found)
 
 
 @torch.no_grad()
@@ -151,8 +168,9 @@ def detections_from_head(
         raise ValueError(f"rois_per_image hold {sum(counts)} RoIs, the head outputs "
                          f"{class_logits.shape[0]} and {box_deltas.shape[0]} rows")
     if use_group_nms(class_logits.device):
-        return _detections_grouped(class_logits, box_deltas, rois_per_image, image_hws, score_thresh, nms_thresh,
-                                   detections_per_img, min_size, weights)
+        padded = grouped_detections(class_logits, box_deltas, rois_per_image, image_hws, score_thresh, nms_thresh,
+                                    detections_per_img, min_size, weights)
+        return padded.per_image(read(padded.found))  # the wait (in a guessing pass, with the guesses' checks)
     # per image at once on a CPU (parallel_pieces): NMS is a one-core kernel
     return map_pieces(lambda lg, dt, rois, hw: _detections_for_image(lg, dt, rois, hw, score_thresh, nms_thresh,
                                                                      detections_per_img, min_size, weights),
