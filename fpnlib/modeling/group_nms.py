@@ -156,28 +156,31 @@ def greedy_keep(boxes: Tensor, valid: Tensor, thresh: float, check_every: int = 
     g, n = valid.shape
     if g == 0 or n == 0:
         return valid.clone()
-    # float16 on CUDA: a product of 0s and 1s, tested > 0
+    # float16 on CUDA: sums of 0s and 1s (counts up to 2048 are exact), only tested == 0
     dtype = torch.float16 if boxes.is_cuda else torch.float32
     suppress = _suppression_matrix(boxes, valid, thresh, dtype)
     guessing = active() if site is not None else None
     limit = n if guessing is None else min(n, LEARNED.rounds_for(site))
-    keep = valid.clone()
-    rounds = 0
-    while True:
-        with torch.autocast(boxes.device.type, enabled=False):  # no bf16 copy of S per round
-            new = valid & (torch.bmm(keep.to(dtype)[:, None, :], suppress)[:, 0] == 0)
-        rounds += 1
-        if guessing is not None:
-            if rounds >= limit:
-                if rounds < n:  # n rounds always suffice
-                    guessing.check(("rounds", site), (new != keep).any(), 0)  # 1: not converged
-                return new
-        elif rounds % check_every == 0 or rounds >= n:
-            if rounds >= n or torch.equal(new, keep):  # the host waits here only
-                if site is not None:
-                    LEARNED.took_rounds(site, rounds)
-                return new
-        keep = new
+    # the kept set as 0/1 weights [G, 1, n], so that a round is three operators: the kept boxes
+    # overlapping each box counted (bmm), none (== 0), and a candidate (* weight)
+    candidate = valid.to(dtype)[:, None, :]
+    keep, rounds = candidate, 0
+    with torch.autocast(boxes.device.type, enabled=False):  # no bf16 copy of S per round
+        while True:
+            new = candidate * (torch.bmm(keep, suppress) == 0)
+            rounds += 1
+            if guessing is not None:
+                if rounds >= limit:
+                    if rounds < n:  # n rounds always suffice
+                        guessing.check(("rounds", site), (new != keep).any(), 0)  # 1: not converged
+                    break
+            elif rounds % check_every == 0 or rounds >= n:
+                if rounds >= n or torch.equal(new, keep):  # the host waits here only
+                    if site is not None:
+                        LEARNED.took_rounds(site, rounds)
+                    break
+            keep = new
+    return new[:, 0] > 0
 
 
 def grouped_nms(boxes: Tensor, scores: Tensor, valid: Tensor, thresh: float,
