@@ -178,9 +178,12 @@ def test_grouped_detections_of_nothing(monkeypatch):
 
 def test_overlap_kernel_in_tritons_interpreter_is_the_eager_formula(in_triton_interpreter):
     """The Triton kernel CUDA runs, executed by Triton's CPU interpreter (``tests/test_cuda.py``
-    runs it on a GPU)."""
+    runs it on a GPU). Its output is allocated holding 7s, as ``torch.empty`` may leave it: the
+    kernel must write every element, the tiles below the diagonal it does not compute too."""
     in_triton_interpreter(
         "import torch\n"
+        "empty = torch.empty\n"
+        "torch.empty = lambda *shape, **kw: empty(*shape, **kw).fill_(7)\n"
         "from test_group_nms import _clustered_boxes\n"
         "from fpnlib.modeling import group_nms\n"
         "g = torch.Generator().manual_seed(0)\n"

@@ -100,24 +100,30 @@ def _triton_overlaps():
             g, bi, bj = tl.program_id(2).to(tl.int64), tl.program_id(0), tl.program_id(1)
             i = bi * BLOCK + tl.arange(0, BLOCK)
             j = bj * BLOCK + tl.arange(0, BLOCK)
-            base = boxes + g * n * 4
-            x1i, y1i = tl.load(base + i * 4, mask=i < n, other=0.0), tl.load(base + i * 4 + 1, mask=i < n, other=0.0)
-            x2i, y2i = tl.load(base + i * 4 + 2, mask=i < n, other=0.0), tl.load(base + i * 4 + 3, mask=i < n, other=0.0)
-            x1j, y1j = tl.load(base + j * 4, mask=j < n, other=0.0), tl.load(base + j * 4 + 1, mask=j < n, other=0.0)
-            x2j, y2j = tl.load(base + j * 4 + 2, mask=j < n, other=0.0), tl.load(base + j * 4 + 3, mask=j < n, other=0.0)
-            area_i = (x2i - x1i) * (y2i - y1i)
-            w = tl.maximum(tl.minimum(x2i[:, None], x2j[None, :]) - tl.maximum(x1i[:, None], x1j[None, :]), 0.0)
-            h = tl.maximum(tl.minimum(y2i[:, None], y2j[None, :]) - tl.maximum(y1i[:, None], y1j[None, :]), 0.0)
-            inter = w * h
-            if FUSED:
-                total = tl.fma((x2j - x1j)[None, :], (y2j - y1j)[None, :], area_i[:, None])
+            tile = out + g * n * n + i[:, None] * n + j[None, :]
+            inside = (i[:, None] < n) & (j[None, :] < n)
+            if bj < bi:  # a tile below the diagonal: every j < i, no pair to compute (half the tiles)
+                tl.store(tile, tl.zeros((BLOCK, BLOCK), dtype=out.dtype.element_ty), mask=inside)
             else:
-                total = area_i[:, None] + ((x2j - x1j) * (y2j - y1j))[None, :]
-            iou = tl.math.div_rn(inter, total - inter)
-            row_ok = tl.load(valid + g * n + i, mask=i < n, other=0) != 0
-            s = (iou > thresh) & (j[None, :] > i[:, None]) & row_ok[:, None]
-            tl.store(out + g * n * n + i[:, None] * n + j[None, :], s.to(out.dtype.element_ty),
-                     mask=(i[:, None] < n) & (j[None, :] < n))
+                base = boxes + g * n * 4
+                x1i, y1i = tl.load(base + i * 4, mask=i < n, other=0.0), tl.load(base + i * 4 + 1, mask=i < n, other=0.0)
+                x2i = tl.load(base + i * 4 + 2, mask=i < n, other=0.0)
+                y2i = tl.load(base + i * 4 + 3, mask=i < n, other=0.0)
+                x1j, y1j = tl.load(base + j * 4, mask=j < n, other=0.0), tl.load(base + j * 4 + 1, mask=j < n, other=0.0)
+                x2j = tl.load(base + j * 4 + 2, mask=j < n, other=0.0)
+                y2j = tl.load(base + j * 4 + 3, mask=j < n, other=0.0)
+                area_i = (x2i - x1i) * (y2i - y1i)
+                w = tl.maximum(tl.minimum(x2i[:, None], x2j[None, :]) - tl.maximum(x1i[:, None], x1j[None, :]), 0.0)
+                h = tl.maximum(tl.minimum(y2i[:, None], y2j[None, :]) - tl.maximum(y1i[:, None], y1j[None, :]), 0.0)
+                inter = w * h
+                if FUSED:
+                    total = tl.fma((x2j - x1j)[None, :], (y2j - y1j)[None, :], area_i[:, None])
+                else:
+                    total = area_i[:, None] + ((x2j - x1j) * (y2j - y1j))[None, :]
+                iou = tl.math.div_rn(inter, total - inter)
+                row_ok = tl.load(valid + g * n + i, mask=i < n, other=0) != 0
+                s = (iou > thresh) & (j[None, :] > i[:, None]) & row_ok[:, None]
+                tl.store(tile, s.to(out.dtype.element_ty), mask=inside)
 
         _TRITON_OVERLAPS.append(overlaps_kernel)
     return _TRITON_OVERLAPS[0]
