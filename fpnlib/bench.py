@@ -26,7 +26,10 @@ CUDA it shares the process-wide cuDNN autotuning and TF32 convolutions). Beside 
 inference step over fpnlib's backbone + FPN alone, and (``paper_runtime``) the paper's
 per-image runtime comparison of FPN against the single-scale baseline. Each mode also
 records one step's host work (``fpnlib.host_work``: operators dispatched and waits for the
-device, fpnlib's counted on its CUDA path), exact counts where times are noisy. Peak memory is measured
+device, fpnlib's counted on its CUDA path), exact counts where times are noisy. With
+``FPNLIB_CUDA_GRAPHS=1`` fpnlib's inference replays CUDA graphs (``modeling.cuda_graphs``), and
+the same model with its graphs paused is timed as a third arm of the same alternation
+(:data:`EAGER_ARM`). Peak memory is measured
 in a fresh process per (library, mode) on a CPU
 (the largest resident set during the steps, over the resident set before them) and by
 ``torch.cuda.max_memory_allocated`` on CUDA. Numbers are measured, never asserted: the machine
@@ -197,6 +200,10 @@ def _steps(ours, theirs, cfg: BenchConfig, images, targets, device, fast=None):
 
     return {"fpnlib": {"train": train_ours, "infer": infer_ours},
             "torchvision": {"train": train_theirs, "infer": infer_theirs}}
+
+
+# with FPNLIB_CUDA_GRAPHS=1, fpnlib's inference is also timed with its graphs paused, under this name
+EAGER_ARM = "fpnlib without CUDA graphs"
 
 
 def time_alternating(steps: dict, mode: str, reps: int, warmup: int, device) -> dict[str, list[float]]:
@@ -453,10 +460,17 @@ def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", 
     if compile:
         compile_body(ours)
     steps = _steps(ours, theirs, cfg, images, targets, device, fast=fast)
+    graphed = getattr(fast, "inference_graphs", None) is not None
+
+    def infer_eager():  # the same model with its graphs paused: the A/B arm, timed in the same alternation
+        with cuda_graphs.paused(fast):
+            return steps["fpnlib"]["infer"]()
+
     for mode in ("infer", "train"):
         if progress:
             print(f"[bench] {name}: {mode}, {reps} alternating repetitions after {warmup} warm-up", flush=True)
-        secs = time_alternating(steps, mode, reps, warmup, device)
+        arms = dict(steps, **{EAGER_ARM: {"infer": infer_eager}}) if graphed and mode == "infer" else steps
+        secs = time_alternating(arms, mode, reps, warmup, device)
         med = {lib: statistics.median(v) for lib, v in secs.items()}
         record[mode] = {
             "seconds_per_step": {lib: [round(x, 5) for x in v] for lib, v in secs.items()},
@@ -469,8 +483,10 @@ def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", 
             body = body_seconds(fast, cfg, images, device, reps, warmup)
             record[mode]["fpnlib_backbone_fpn_alone_s"] = round(body, 5)
             record[mode]["fpnlib_detector_over_backbone_fpn"] = round(med["fpnlib"] / body, 3)
-            if getattr(fast, "inference_graphs", None) is not None:  # how the passes so far ran
+            if graphed:  # how the passes so far ran, and the same passes without graphs
                 record[mode]["cuda_graph_passes"] = dict(fast.inference_graphs.stats)
+                record[mode]["cuda_graphs_speedup"] = round(med[EAGER_ARM] / med["fpnlib"], 3)
+                record[mode]["fpnlib_without_graphs_detector_over_backbone_fpn"] = round(med[EAGER_ARM] / body, 3)
         # operators and waits for the device of one step; fpnlib's counted on its CUDA path
         record[mode]["host_work"] = {lib: count_host_work(steps[lib][mode], device, cuda_path=lib == "fpnlib", warmup=1)
                                      for lib in ("fpnlib", "torchvision")}

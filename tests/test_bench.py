@@ -161,3 +161,25 @@ def test_the_compile_arm_compiles_both_models_and_keeps_the_detections(tmp_path,
     assert r["fpnlib_inference_path"][-1] == r["fpnlib_training_path"][-1] == "torch.compile (backbone, neck)"
     assert all(a == b for a, b in r["same_outputs"]["detections_per_image"]), r["same_outputs"]
     assert r["same_outputs"]["max_box_difference_px"] <= BOX_TOLERANCE_PX
+
+
+def test_with_cuda_graphs_the_bench_times_the_graphs_beside_the_same_model_without(monkeypatch, fresh_learned_guesses):
+    """``FPNLIB_CUDA_GRAPHS=1``: fpnlib's inference is timed replayed and, in the same
+    alternation, with its graphs paused; the record keeps both and how the passes ran. On a CPU
+    the graphs' stand-in replays by running the pass again (``cuda_graphs.RerunBackend``)."""
+    from fpnlib.modeling import cuda_graphs
+
+    monkeypatch.setenv("FPNLIB_CUDA_GRAPHS", "1")
+    monkeypatch.setenv("FPNLIB_GROUP_NMS", "1")
+    monkeypatch.setattr(cuda_graphs, "CudaGraphBackend", cuda_graphs.RerunBackend)
+    r = bench.run_config("tiny", reps=2, warmup=1, memory=False, progress=False)
+    infer = r["infer"]
+    assert set(infer["seconds_per_step"]) == {"fpnlib", "torchvision", bench.EAGER_ARM}
+    assert all(len(v) == 2 for v in infer["seconds_per_step"].values())
+    # first seen by same_outputs, captured in the warm-up step, replayed in the timed ones
+    assert infer["cuda_graph_passes"] == {"eager": 2, "captured": 1, "replayed": 2}, infer["cuda_graph_passes"]
+    assert infer["cuda_graphs_speedup"] == pytest.approx(
+        infer["median_s"][bench.EAGER_ARM] / infer["median_s"]["fpnlib"], rel=1e-2)
+    assert infer["fpnlib_without_graphs_detector_over_backbone_fpn"] > 1.0
+    assert set(r["train"]["seconds_per_step"]) == {"fpnlib", "torchvision"}
+    assert all(a == b for a, b in r["same_outputs"]["detections_per_image"]), r["same_outputs"]
