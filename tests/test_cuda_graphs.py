@@ -130,6 +130,8 @@ def test_paused_graphs_and_a_copied_model_run_eagerly(grouped):
         copied = copy.deepcopy(graphed)
     assert graphed.inference_graphs.graphs and not copied.inference_graphs.graphs
     assert isinstance(copied.inference_graphs.backend, RerunBackend)
+    graphed.inference_graphs.clear()
+    assert not graphed.inference_graphs.graphs and not graphed.inference_graphs.seen
 
 
 def test_optimized_for_inference_adds_graphs_only_when_asked(grouped, monkeypatch):

@@ -19,6 +19,10 @@ A graph holds fixed shapes, sizes and addresses, so:
   the ``capture_after``-th time the shape is seen (the first passes run eagerly, so evaluation on
   images whose shapes rarely repeat pays for no capture), the last ``max_graphs`` kept.
 
+A graph reads the weights where it found them when it was captured, including the bf16 copies
+the fused convolutions keep (``fused_conv``): the inference copy is not meant to change, and one
+whose weights do must drop its graphs (``model.inference_graphs.clear()``).
+
 The outputs are the eager pass's: the same kernels run on the same numbers
 (``tests/test_cuda_graphs.py`` with :class:`RerunBackend` on a CPU, ``tests/test_cuda.py`` with
 real graphs on a GPU). Turned on by ``optimized_for_inference(cuda_graphs=True)`` or
@@ -127,6 +131,12 @@ class InferenceGraphs:
 
     def __deepcopy__(self, memo):  # a copied model starts with no graphs (they hold its tensors)
         return InferenceGraphs(self.capture_after, self.max_graphs, type(self.backend)())
+
+    def clear(self) -> None:
+        """Drop every graph (and its memory); shapes are captured again when seen again."""
+        self.graphs.clear()
+        self.seen.clear()
+        self.refused.clear()
 
     def usable(self, batch: Tensor) -> bool:
         """Whether ``batch`` can take the graphs: the grouped-NMS path with guessed sizes (the
