@@ -120,15 +120,20 @@ def _both_paths(monkeypatch, fn):
     return plain, fn()
 
 
-def test_grouped_nms_gives_the_per_image_proposals_and_detections_on_cuda(monkeypatch):
+@pytest.mark.parametrize("packed", ["0", "1"])
+def test_grouped_nms_gives_the_per_image_proposals_and_detections_on_cuda(monkeypatch, packed):
     """CUDA's default path (``group_nms``: the Triton overlap kernel where Triton is, else the
-    eager formula) against torchvision's NMS image by image: the same tensors."""
+    eager formula), and with ``FPNLIB_NMS_BITS=1`` its rounds on packed overlaps, against
+    torchvision's NMS image by image: the same tensors."""
     from test_group_nms import _clustered_boxes, _pyramid_outputs
 
     from fpnlib.modeling import group_nms
     from fpnlib.modeling.postprocess import detections_from_head
     from fpnlib.modeling.rpn import select_proposals
 
+    monkeypatch.setenv("FPNLIB_NMS_BITS", packed)
+    if packed == "1" and group_nms._triton_overlaps() is None:
+        pytest.skip("no Triton: no packed rounds")
     print("overlaps by", "Triton" if group_nms._triton_overlaps() is not None else "the eager formula")
     logits, deltas, anchors = _pyramid_outputs(3, (256, 320), seed=2)
     logits, deltas, anchors = ({k: v.cuda() for k, v in d.items()} for d in (logits, deltas, anchors))

@@ -200,6 +200,41 @@ def test_overlap_kernel_in_tritons_interpreter_is_the_eager_formula(in_triton_in
     )
 
 
+def test_packed_rounds_in_tritons_interpreter_keep_torchvisions_boxes(in_triton_interpreter):
+    """``FPNLIB_NMS_BITS=1``: the overlaps packed 32 pairs a word and each round one kernel
+    (``group_nms.packed_rounds``), run by Triton's CPU interpreter. Every group keeps what
+    torchvision's ``nms`` keeps, and the packed words are the unpacked matrix's bits: widths that
+    are not a multiple of 32, invalid boxes, a chain that needs one round a box."""
+    in_triton_interpreter(
+        "import os, torch\n"
+        "from torchvision.ops import nms\n"
+        "from test_group_nms import _clustered_boxes\n"
+        "from fpnlib.modeling import group_nms\n"
+        "os.environ['FPNLIB_NMS_BITS'] = '1'\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "chain = torch.tensor([[float(x), 0.0, x + 10.0, 10.0] for x in range(0, 1500, 5)])\n"
+        "for n in (70, 130, 300):  # 300: two blocks of 8 words in a round\n"
+        "  boxes = torch.stack([_clustered_boxes(g, n) for _ in range(3)] + [chain[:n]])\n"
+        "  valid = torch.rand(4, n, generator=g) > 0.2\n"
+        "  valid[3] = True\n"
+        "  assert group_nms.packed_rounds(boxes)\n"
+        "  for t in (0.3, 0.5):\n"
+        "    dense = group_nms._suppression_matrix(boxes, valid, t, torch.float32, False).bool()\n"
+        "    words = group_nms._suppression_matrix(boxes, valid, t, torch.int32, False)\n"
+        "    j = torch.arange(n)\n"
+        "    unpacked = (words[:, :, j // 32] >> (j % 32)) & 1\n"
+        "    assert words.shape[2] == -(-n // 32) and torch.equal(unpacked.bool(), dense), (n, t)\n"
+        "    keep = group_nms.greedy_keep(boxes, valid, t)\n"
+        "    for b, v, k in zip(boxes, valid, keep):\n"
+        "      idx = v.nonzero().squeeze(1)\n"
+        "      expected = torch.zeros(n, dtype=torch.bool)\n"
+        "      expected[idx[nms(b[idx], -idx.float(), t)]] = True\n"
+        "      assert torch.equal(k, expected), (n, t)\n"
+        "    if t == 0.3:  # neighbours of the chain overlap by 1/3: every other box is kept\n"
+        "      assert keep[3].tolist() == [k % 2 == 0 for k in range(n)]\n"
+    )
+
+
 def test_torchvisions_coordinate_trick_decides_some_borderline_pairs_otherwise():
     """Why the grouped path can differ from ``torchvision.ops.batched_nms`` at all: for small
     inputs (<= 1000 boxes on a CPU, 5000 on CUDA) it shifts each group's boxes by group x (largest

@@ -50,7 +50,10 @@ def path_note(device: torch.device | str) -> str:
     if not use_group_nms(device):
         return "NMS image by image (torchvision)"
     cuda = torch.device(device).type == "cuda"
-    return "NMS of all groups at once, overlaps by " + ("Triton" if cuda and _triton_overlaps() else "eager torch")
+    triton = cuda and _triton_overlaps() is not None
+    return ("NMS of all groups at once, overlaps by " + ("Triton" if triton else "eager torch")
+            + (", rounds on packed overlaps (FPNLIB_NMS_BITS=1)" if triton and packed_rounds(torch.empty(0, device=device))
+               else ""))
 
 
 def overlaps_above(boxes: Tensor, thresh: float, fused: bool = False) -> Tensor:
@@ -96,14 +99,22 @@ def _triton_overlaps():
             return None
 
         @triton.jit
-        def overlaps_kernel(boxes, valid, out, n, thresh, FUSED: tl.constexpr, BLOCK: tl.constexpr):
+        def overlaps_kernel(boxes, valid, out, n, words, thresh, FUSED: tl.constexpr, PACKED: tl.constexpr,
+                            BLOCK: tl.constexpr):
             g, bi, bj = tl.program_id(2).to(tl.int64), tl.program_id(0), tl.program_id(1)
             i = bi * BLOCK + tl.arange(0, BLOCK)
             j = bj * BLOCK + tl.arange(0, BLOCK)
-            tile = out + g * n * n + i[:, None] * n + j[None, :]
-            inside = (i[:, None] < n) & (j[None, :] < n)
+            if PACKED:  # 32 pairs (i, j..j+31) a word, bit b for j + b: [G, n, words] int32
+                w = bj * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
+                tile = out + g * n * words + i[:, None] * words + w[None, :]
+                inside = (i[:, None] < n) & (w[None, :] < words)
+                zeros = tl.zeros((BLOCK, BLOCK // 32), dtype=tl.int32)
+            else:
+                tile = out + g * n * n + i[:, None] * n + j[None, :]
+                inside = (i[:, None] < n) & (j[None, :] < n)
+                zeros = tl.zeros((BLOCK, BLOCK), dtype=out.dtype.element_ty)
             if bj < bi:  # a tile below the diagonal: every j < i, no pair to compute (half the tiles)
-                tl.store(tile, tl.zeros((BLOCK, BLOCK), dtype=out.dtype.element_ty), mask=inside)
+                tl.store(tile, zeros, mask=inside)
             else:
                 base = boxes + g * n * 4
                 x1i, y1i = tl.load(base + i * 4, mask=i < n, other=0.0), tl.load(base + i * 4 + 1, mask=i < n, other=0.0)
@@ -123,25 +134,68 @@ def _triton_overlaps():
                 iou = tl.math.div_rn(inter, total - inter)
                 row_ok = tl.load(valid + g * n + i, mask=i < n, other=0) != 0
                 s = (iou > thresh) & (j[None, :] > i[:, None]) & row_ok[:, None]
-                tl.store(tile, s.to(out.dtype.element_ty), mask=inside)
+                if PACKED:  # distinct bits: their sum is their OR
+                    shifted = tl.reshape(s.to(tl.int32), (BLOCK, BLOCK // 32, 32)) << tl.arange(0, 32)[None, None, :]
+                    tl.store(tile, tl.sum(shifted, axis=2), mask=inside)
+                else:
+                    tl.store(tile, s.to(out.dtype.element_ty), mask=inside)
 
-        _TRITON_OVERLAPS.append(overlaps_kernel)
+        @triton.jit
+        def round_kernel(bits, keep, valid, out, n, words, ROWS: tl.constexpr, WORDS: tl.constexpr):
+            # one greedy-NMS round on packed overlaps: out[g, j] = valid[g, j] and no kept i
+            # (i < j) with bit j of row i; rows are read WORDS words wide, ROWS at a time, and
+            # their bits unpacked to take the maximum over the kept rows (Triton's portable reductions)
+            g, wb = tl.program_id(1).to(tl.int64), tl.program_id(0)
+            w = wb * WORDS + tl.arange(0, WORDS)
+            b = tl.arange(0, 32)
+            hit = tl.zeros((WORDS, 32), dtype=tl.int32)
+            for i0 in range(0, tl.minimum((wb + 1) * WORDS * 32, n), ROWS):  # rows i >= j suppress no j here
+                i = i0 + tl.arange(0, ROWS)
+                kept = tl.load(keep + g * n + i, mask=i < n, other=0) != 0
+                tile = tl.load(bits + g * n * words + i[:, None] * words + w[None, :],
+                               mask=kept[:, None] & (w[None, :] < words), other=0)
+                hit = tl.maximum(hit, tl.max((tile[:, :, None] >> b[None, None, :]) & 1, axis=0))
+            j = wb * WORDS * 32 + tl.arange(0, WORDS * 32)
+            suppressed = tl.reshape(hit, (WORDS * 32,)) != 0
+            ok = tl.load(valid + g * n + j, mask=j < n, other=0) != 0
+            tl.store(out + g * n + j, (ok & ~suppressed).to(tl.uint8), mask=j < n)
+
+        _TRITON_OVERLAPS.append((overlaps_kernel, round_kernel))
     return _TRITON_OVERLAPS[0]
+
+
+def _kernels(boxes: Tensor):
+    """The Triton kernels (overlaps, round) where they run for ``boxes`` (CUDA, or Triton's
+    interpreter), else ``None``."""
+    return _triton_overlaps() if boxes.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" else None
+
+
+def packed_rounds(boxes: Tensor) -> bool:
+    """Whether NMS's rounds run on packed overlaps (``FPNLIB_NMS_BITS=1``, where the kernels run):
+    32 pairs a word instead of one float16 each, 1/16 of the memory a round reads, one kernel a
+    round. Opt-in until timed on a GPU (tested in Triton's interpreter on a CPU)."""
+    return os.environ.get("FPNLIB_NMS_BITS", "0") == "1" and _kernels(boxes) is not None
 
 
 def _suppression_matrix(boxes: Tensor, valid: Tensor, thresh: float, dtype: torch.dtype,
                         fused: bool | None = None) -> Tensor:
     """``S[g, i, j]`` (0/1 in ``dtype``): box ``i`` is a candidate ranked before ``j`` and overlaps
-    it above ``thresh`` (``fused``, default: on CUDA, as in :func:`overlaps_above`)."""
+    it above ``thresh`` (``fused``, default: on CUDA, as in :func:`overlaps_above`). ``int32``:
+    packed by the kernel, ``[G, n, ceil(n / 32)]``, pair ``(i, j)`` at bit ``j % 32`` of word
+    ``j // 32``."""
     g, n = valid.shape
     fused = boxes.is_cuda if fused is None else fused
-    kernel = _triton_overlaps() if boxes.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" else None
-    suppress = torch.empty((g, n, n), dtype=dtype, device=boxes.device)
-    if kernel is not None:
+    kernels = _kernels(boxes)
+    packed = dtype == torch.int32
+    if packed and kernels is None:
+        raise ValueError("packed overlaps need the Triton kernel (CUDA, or Triton's interpreter)")
+    words = -(-n // 32)
+    suppress = torch.empty((g, n, words) if packed else (g, n, n), dtype=dtype, device=boxes.device)
+    if kernels is not None:
         block = 64
         grid = (-(-n // block), -(-n // block), g)
-        kernel[grid](boxes.float().contiguous(), valid.to(torch.uint8).contiguous(), suppress, n, float(thresh),
-                     FUSED=fused, BLOCK=block, enable_fp_fusion=False)
+        kernels[0][grid](boxes.float().contiguous(), valid.to(torch.uint8).contiguous(), suppress, n, words,
+                         float(thresh), FUSED=fused, PACKED=packed, BLOCK=block, enable_fp_fusion=False)
         return suppress
     upper = torch.ones((n, n), dtype=torch.bool, device=boxes.device).triu_(1)
     per_chunk = max(1, PAIRS_PER_CHUNK // (n * n))
@@ -162,18 +216,32 @@ def greedy_keep(boxes: Tensor, valid: Tensor, thresh: float, check_every: int = 
     g, n = valid.shape
     if g == 0 or n == 0:
         return valid.clone()
-    # float16 on CUDA: sums of 0s and 1s (counts up to 2048 are exact), only tested == 0
-    dtype = torch.float16 if boxes.is_cuda else torch.float32
-    suppress = _suppression_matrix(boxes, valid, thresh, dtype)
     guessing = active() if site is not None else None
     limit = n if guessing is None else min(n, LEARNED.rounds_for(site))
-    # the kept set as 0/1 weights [G, 1, n], so that a round is three operators: the kept boxes
-    # overlapping each box counted (bmm), none (== 0), and a candidate (* weight)
-    candidate = valid.to(dtype)[:, None, :]
+    if packed_rounds(boxes):  # the kept set as uint8 [G, n]; a round is one kernel
+        bits, candidate = _suppression_matrix(boxes, valid, thresh, torch.int32), valid.to(torch.uint8).contiguous()
+        words, round_kernel = bits.shape[2], _kernels(boxes)[1]
+        grid = (-(-words // 8), g)
+
+        def step(keep: Tensor) -> Tensor:
+            new = torch.empty_like(candidate)
+            round_kernel[grid](bits, keep, candidate, new, n, words, ROWS=32, WORDS=8)
+            return new
+    else:
+        # float16 on CUDA: sums of 0s and 1s (counts up to 2048 are exact), only tested == 0
+        dtype = torch.float16 if boxes.is_cuda else torch.float32
+        suppress = _suppression_matrix(boxes, valid, thresh, dtype)
+        # the kept set as 0/1 weights [G, 1, n], so that a round is three operators: the kept
+        # boxes overlapping each box counted (bmm), none (== 0), and a candidate (* weight)
+        candidate = valid.to(dtype)[:, None, :]
+
+        def step(keep: Tensor) -> Tensor:
+            return candidate * (torch.bmm(keep, suppress) == 0)
+
     keep, rounds = candidate, 0
     with torch.autocast(boxes.device.type, enabled=False):  # no bf16 copy of S per round
         while True:
-            new = candidate * (torch.bmm(keep, suppress) == 0)
+            new = step(keep)
             rounds += 1
             if guessing is not None:
                 if rounds >= limit:
@@ -186,7 +254,7 @@ def greedy_keep(boxes: Tensor, valid: Tensor, thresh: float, check_every: int = 
                         LEARNED.took_rounds(site, rounds)
                     break
             keep = new
-    return new[:, 0] > 0
+    return (new if new.dim() == 2 else new[:, 0]) > 0
 
 
 def grouped_nms(boxes: Tensor, scores: Tensor, valid: Tensor, thresh: float,
