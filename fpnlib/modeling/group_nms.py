@@ -18,6 +18,8 @@ batch is suppressed with tensor operations:
 
 Each round is one batched matrix-vector product; the host waits only to test convergence (in
 inference not even that: the rounds are guessed and the test read at the end, ``guessed_sizes``).
+Opt-in (``FPNLIB_NMS_BITS=1``, :func:`packed_rounds`), ``S`` is packed 32 pairs a word and a
+round is one Triton kernel over the kept rows' words.
 The kept sets are those of torchvision's ``nms`` run on each group (``tests/test_group_nms.py``,
 ``tests/test_cuda.py``); orders of equal scores may differ (torchvision's sort is not stable,
 this one is). ``batched_nms`` on small inputs shifts each group's boxes first, which can decide
