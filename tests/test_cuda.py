@@ -132,9 +132,9 @@ def test_grouped_nms_gives_the_per_image_proposals_and_detections_on_cuda(monkey
     from fpnlib.modeling.rpn import select_proposals
 
     monkeypatch.setenv("FPNLIB_NMS_BITS", packed)
-    if packed == "1" and group_nms._triton_overlaps() is None:
+    if packed == "1" and group_nms._triton_kernels() is None:
         pytest.skip("no Triton: no packed rounds")
-    print("overlaps by", "Triton" if group_nms._triton_overlaps() is not None else "the eager formula")
+    print("overlaps by", "Triton" if group_nms._triton_kernels() is not None else "the eager formula")
     logits, deltas, anchors = _pyramid_outputs(3, (256, 320), seed=2)
     logits, deltas, anchors = ({k: v.cuda() for k, v in d.items()} for d in (logits, deltas, anchors))
     hws = [(256, 320), (200, 300), (256, 190)]
@@ -161,7 +161,7 @@ def test_overlap_kernel_is_the_eager_formula_on_cuda():
 
     from fpnlib.modeling import group_nms
 
-    if group_nms._triton_overlaps() is None:
+    if group_nms._triton_kernels() is None:
         pytest.skip("no Triton: the eager formula is the path")
     g = torch.Generator().manual_seed(0)
     boxes = torch.stack([_clustered_boxes(g, 1000) for _ in range(5)]).cuda()

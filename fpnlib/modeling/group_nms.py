@@ -52,10 +52,9 @@ def path_note(device: torch.device | str) -> str:
     if not use_group_nms(device):
         return "NMS image by image (torchvision)"
     cuda = torch.device(device).type == "cuda"
-    triton = cuda and _triton_overlaps() is not None
+    triton = cuda and _triton_kernels() is not None
     return ("NMS of all groups at once, overlaps by " + ("Triton" if triton else "eager torch")
-            + (", rounds on packed overlaps (FPNLIB_NMS_BITS=1)" if triton and packed_rounds(torch.empty(0, device=device))
-               else ""))
+            + (", rounds on packed overlaps (FPNLIB_NMS_BITS=1)" if triton and packed_rounds(device) else ""))
 
 
 def overlaps_above(boxes: Tensor, thresh: float, fused: bool = False) -> Tensor:
@@ -82,22 +81,23 @@ def overlaps_above(boxes: Tensor, thresh: float, fused: bool = False) -> Tensor:
     return inter.div_(union) > thresh  # float32 threshold, as the CUDA kernel compares
 
 
-_TRITON_OVERLAPS: list = []  # [kernel] once built, [None] where Triton is unavailable
+_TRITON_KERNELS: list = []  # [kernel] once built, [None] where Triton is unavailable
 
 
-def _triton_overlaps():
-    """A Triton kernel writing ``S`` in one pass (on CUDA), or ``None`` without Triton.
+def _triton_kernels():
+    """The Triton kernels ``(overlaps, round)`` (on CUDA), or ``None`` without Triton: the first
+    writes ``S`` in one pass, the second runs one round on ``S`` packed (:func:`packed_rounds`).
 
     The eager formula makes a dozen passes over ``[G, n, n]`` float32 temporaries; the kernel
     reads the boxes and writes ``S`` once. It computes each pair with the same float32
     operations: no FMA contraction but the one asked for (``enable_fp_fusion=False`` at launch,
     ``tl.fma`` where ``FUSED``) and a correctly rounded division (``div_rn``)."""
-    if not _TRITON_OVERLAPS:
+    if not _TRITON_KERNELS:
         try:
             import triton
             import triton.language as tl
         except ImportError:
-            _TRITON_OVERLAPS.append(None)
+            _TRITON_KERNELS.append(None)
             return None
 
         @triton.jit
@@ -162,21 +162,22 @@ def _triton_overlaps():
             ok = tl.load(valid + g * n + j, mask=j < n, other=0) != 0
             tl.store(out + g * n + j, (ok & ~suppressed).to(tl.uint8), mask=j < n)
 
-        _TRITON_OVERLAPS.append((overlaps_kernel, round_kernel))
-    return _TRITON_OVERLAPS[0]
+        _TRITON_KERNELS.append((overlaps_kernel, round_kernel))
+    return _TRITON_KERNELS[0]
 
 
-def _kernels(boxes: Tensor):
-    """The Triton kernels (overlaps, round) where they run for ``boxes`` (CUDA, or Triton's
+def _kernels(device: torch.device | str):
+    """The Triton kernels (overlaps, round) where they run on ``device`` (CUDA, or Triton's
     interpreter), else ``None``."""
-    return _triton_overlaps() if boxes.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" else None
+    on_device = torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return _triton_kernels() if on_device else None
 
 
-def packed_rounds(boxes: Tensor) -> bool:
+def packed_rounds(device: torch.device | str) -> bool:
     """Whether NMS's rounds run on packed overlaps (``FPNLIB_NMS_BITS=1``, where the kernels run):
     32 pairs a word instead of one float16 each, 1/16 of the memory a round reads, one kernel a
     round. Opt-in until timed on a GPU (tested in Triton's interpreter on a CPU)."""
-    return os.environ.get("FPNLIB_NMS_BITS", "0") == "1" and _kernels(boxes) is not None
+    return os.environ.get("FPNLIB_NMS_BITS", "0") == "1" and _kernels(device) is not None
 
 
 def _suppression_matrix(boxes: Tensor, valid: Tensor, thresh: float, dtype: torch.dtype,
@@ -187,7 +188,7 @@ def _suppression_matrix(boxes: Tensor, valid: Tensor, thresh: float, dtype: torc
     ``j // 32``."""
     g, n = valid.shape
     fused = boxes.is_cuda if fused is None else fused
-    kernels = _kernels(boxes)
+    kernels = _kernels(boxes.device)
     packed = dtype == torch.int32
     if packed and kernels is None:
         raise ValueError("packed overlaps need the Triton kernel (CUDA, or Triton's interpreter)")
@@ -220,9 +221,9 @@ def greedy_keep(boxes: Tensor, valid: Tensor, thresh: float, check_every: int = 
         return valid.clone()
     guessing = active() if site is not None else None
     limit = n if guessing is None else min(n, LEARNED.rounds_for(site))
-    if packed_rounds(boxes):  # the kept set as uint8 [G, n]; a round is one kernel
+    if packed_rounds(boxes.device):  # the kept set as uint8 [G, n]; a round is one kernel
         bits, candidate = _suppression_matrix(boxes, valid, thresh, torch.int32), valid.to(torch.uint8).contiguous()
-        words, round_kernel = bits.shape[2], _kernels(boxes)[1]
+        words, round_kernel = bits.shape[2], _kernels(boxes.device)[1]
         grid = (-(-words // 8), g)
 
         def step(keep: Tensor) -> Tensor:
@@ -256,7 +257,7 @@ def greedy_keep(boxes: Tensor, valid: Tensor, thresh: float, check_every: int = 
                         LEARNED.took_rounds(site, rounds)
                     break
             keep = new
-    return (new if new.dim() == 2 else new[:, 0]) > 0
+    return new.reshape(g, n) > 0
 
 
 def grouped_nms(boxes: Tensor, scores: Tensor, valid: Tensor, thresh: float,
