@@ -8,6 +8,7 @@ GPU (``tests/test_cuda.py``).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import replace
 
@@ -170,3 +171,49 @@ def test_the_captured_pass_waits_for_nothing_but_a_cpus_roi_read(grouped):
 
     work = count_host_work(captured_pass, cuda_path=True, warmup=2)
     assert work["waits_by_kind"] == {"Tensor.tolist": 1}, work["waits_by_kind"]
+
+
+def test_the_cuda_backend_warms_up_where_waits_are_errors_then_captures_this_thread_only(monkeypatch):
+    """``CudaGraphBackend``'s order of calls, with ``torch.cuda``'s streams and graphs recorded
+    instead of run: the warm-up on the capture's own stream with every wait an error (then the
+    setting restored), and the capture on that stream, restricting only this thread (a
+    DataLoader's pin-memory thread may allocate meanwhile). The real thing runs in
+    ``tests/test_cuda.py``."""
+    calls, debug = [], ["warn"]
+
+    class Stream:
+        def wait_stream(self, other):
+            calls.append(("wait_stream", self, other))
+
+    current = Stream()
+
+    @contextlib.contextmanager
+    def on_stream(stream):
+        calls.append(("on stream", stream))
+        yield
+
+    @contextlib.contextmanager
+    def graph(handle, stream=None, **kwargs):
+        calls.append(("capture", handle, stream, kwargs))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: current)
+    monkeypatch.setattr(torch.cuda, "stream", on_stream)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: debug[0])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: debug.__setitem__(0, mode))
+
+    def run():
+        calls.append(("run", debug[0]))
+        return (torch.zeros(1),)
+
+    backend = cuda_graphs.CudaGraphBackend()
+    handle, outputs = backend.capture(run)
+    side = backend.stream
+    assert isinstance(side, Stream) and side is not current
+    assert calls == [("wait_stream", side, current), ("on stream", side), ("run", "error"),
+                     ("wait_stream", current, side), ("capture", handle, side, {"capture_error_mode": "thread_local"}),
+                     ("run", "warn")], calls
+    assert debug == ["warn"] and torch.equal(outputs[0], torch.zeros(1))

@@ -58,7 +58,12 @@ class CudaGraphBackend:
     its kernels, on first use, which a capture may not do. That run makes every operator that
     waits for the device an error (``torch.cuda.set_sync_debug_mode``), so a pass that would wait
     (e.g. RoI extraction without the Triton kernel reads its levels' counts) is refused before
-    its capture is begun."""
+    its capture is begun.
+
+    The capture restricts this thread only (``capture_error_mode="thread_local"``): under CUDA's
+    default, a call that other threads make while a stream captures, such as a DataLoader's
+    pin-memory thread allocating pinned memory for the next batch, breaks the capture and raises
+    in that thread too."""
 
     device_type = "cuda"
 
@@ -78,7 +83,7 @@ class CudaGraphBackend:
             torch.cuda.set_sync_debug_mode(before)
         torch.cuda.current_stream().wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.stream):
+        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
             outputs = run()
         return graph, outputs
 
