@@ -177,8 +177,8 @@ def test_the_cuda_backend_warms_up_where_waits_are_errors_then_captures_this_thr
     """``CudaGraphBackend``'s order of calls, with ``torch.cuda``'s streams and graphs recorded
     instead of run: the warm-up on the capture's own stream with every wait an error (then the
     setting restored), and the capture on that stream, restricting only this thread (a
-    DataLoader's pin-memory thread may allocate meanwhile). The real thing runs in
-    ``tests/test_cuda.py``."""
+    DataLoader's pin-memory thread may allocate meanwhile), into the memory pool that every
+    graph of the backend shares. The real thing runs in ``tests/test_cuda.py``."""
     calls, debug = [], ["warn"]
 
     class Stream:
@@ -204,6 +204,7 @@ def test_the_cuda_backend_warms_up_where_waits_are_errors_then_captures_this_thr
     monkeypatch.setattr(torch.cuda, "graph", graph)
     monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: debug[0])
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: debug.__setitem__(0, mode))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: ("pool", len(calls)))
 
     def run():
         calls.append(("run", debug[0]))
@@ -211,9 +212,12 @@ def test_the_cuda_backend_warms_up_where_waits_are_errors_then_captures_this_thr
 
     backend = cuda_graphs.CudaGraphBackend()
     handle, outputs = backend.capture(run)
-    side = backend.stream
-    assert isinstance(side, Stream) and side is not current
+    side, pool = backend.stream, backend.pool
+    assert isinstance(side, Stream) and side is not current and pool == ("pool", 0)
+    capture = ("capture", handle, side, {"pool": pool, "capture_error_mode": "thread_local"})
     assert calls == [("wait_stream", side, current), ("on stream", side), ("run", "error"),
-                     ("wait_stream", current, side), ("capture", handle, side, {"capture_error_mode": "thread_local"}),
-                     ("run", "warn")], calls
+                     ("wait_stream", current, side), capture, ("run", "warn")], calls
     assert debug == ["warn"] and torch.equal(outputs[0], torch.zeros(1))
+    calls.clear()
+    second, _ = backend.capture(run)  # the next shape's graph: the same stream and memory pool
+    assert (backend.stream, backend.pool) == (side, pool) and calls[-2] == ("capture", second, side, capture[3])

@@ -63,16 +63,21 @@ class CudaGraphBackend:
     The capture restricts this thread only (``capture_error_mode="thread_local"``): under CUDA's
     default, a call that other threads make while a stream captures, such as a DataLoader's
     pin-memory thread allocating pinned memory for the next batch, breaks the capture and raises
-    in that thread too."""
+    in that thread too.
+
+    The graphs share one memory pool: a pass's memory is held once, not once per batch shape.
+    A replay may then write over memory where another graph left its outputs, which is safe
+    because :class:`InferenceGraphs` reads and copies each replay's outputs before the next."""
 
     device_type = "cuda"
 
     def __init__(self):
         self.stream: torch.cuda.Stream | None = None
+        self.pool = None
 
     def capture(self, run: Callable[[], tuple[Tensor, ...]]) -> tuple[Any, tuple[Tensor, ...]]:
         if self.stream is None:
-            self.stream = torch.cuda.Stream()
+            self.stream, self.pool = torch.cuda.Stream(), torch.cuda.graph_pool_handle()
         self.stream.wait_stream(torch.cuda.current_stream())
         before = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode("error")
@@ -83,7 +88,7 @@ class CudaGraphBackend:
             torch.cuda.set_sync_debug_mode(before)
         torch.cuda.current_stream().wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
             outputs = run()
         return graph, outputs
 
