@@ -207,25 +207,39 @@ def _top_k_per_level(
     deltas: Mapping[str, Tensor] | Sequence[Tensor],
     anchors: Mapping[str, Tensor],
     k: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, list[int]]:
     """The k highest-scoring anchors of every level of every image.
 
-    Returns logits [N, K], deltas [N, K, 4], anchors [N, K, 4] and level ids [K], with K the
-    sum over levels of min(k, anchors on that level). ``topk`` runs along each image's row, so
-    the choice for one image never depends on the others.
+    Returns logits [N, K], deltas [N, K, 4], anchors [N, K, 4] and the levels' sizes, min(k,
+    anchors on that level), which sum to K. ``topk`` runs along each image's row, so the choice
+    for one image never depends on the others.
     """
     levels = list(anchors)
     obj_levels = _values(objectness, levels if isinstance(objectness, Mapping) else None)
     dts_levels = _values(deltas, levels if isinstance(deltas, Mapping) else None)
-    out_logits, out_deltas, out_anchors, out_levels = [], [], [], []
-    for i, (o, d, a) in enumerate(zip(obj_levels, dts_levels, anchors.values())):
+    out_logits, out_deltas, out_anchors, sizes = [], [], [], []
+    for o, d, a in zip(obj_levels, dts_levels, anchors.values()):
         o, d = _flatten_level(o, d)
         top, idx = o.topk(min(k, o.shape[1]), dim=1)
         out_logits.append(top)
         out_deltas.append(torch.take_along_dim(d, idx[..., None], dim=1))
         out_anchors.append(a[idx])
-        out_levels.append(torch.full((idx.shape[1],), i, dtype=torch.int64, device=idx.device))
-    return torch.cat(out_logits, 1), torch.cat(out_deltas, 1), torch.cat(out_anchors, 1), torch.cat(out_levels)
+        sizes.append(idx.shape[1])
+    return torch.cat(out_logits, 1), torch.cat(out_deltas, 1), torch.cat(out_anchors, 1), sizes
+
+
+@functools.lru_cache(maxsize=16)
+def _row_starts(n_img: int, n_lvl: int, width: int, device: str) -> Tensor:
+    """``[n_img * n_lvl, 1]``: where row (image, level) of a layout with rows of ``width`` starts
+    in the image's levels one after the other."""
+    return torch.arange(n_lvl, device=device).repeat(n_img)[:, None] * width
+
+
+@functools.lru_cache(maxsize=16)
+def _level_ids(level_sizes: tuple[int, ...], device: str) -> Tensor:
+    """``[sum(level_sizes)]``: the level index of each entry, the levels one after the other
+    (made once per pyramid shape)."""
+    return torch.cat([torch.full((size,), lvl, dtype=torch.int64, device=device) for lvl, size in enumerate(level_sizes)])
 
 
 def _proposals_for_image(
@@ -278,7 +292,7 @@ def _proposals_grouped(
     boxes, ranking, logits = by_level(boxes, 0.0), by_level(ranking, 0.0), by_level(logits, 0.0)
     order, keep = grouped_nms(boxes, ranking, by_level(valid, False), nms_thresh, site="proposals")
     # back to padded positions per image, then the image's top post_nms_top_n over its levels
-    slot = (order + torch.arange(n_lvl, device=order.device).repeat(n_img)[:, None] * width).view(n_img, -1)
+    slot = (order + _row_starts(n_img, n_lvl, width, str(order.device))).view(n_img, -1)
     kept_rank = torch.take_along_dim(ranking, order, dim=1).masked_fill(~keep, float("-inf"))
     best = kept_rank.view(n_img, -1).argsort(dim=1, descending=True, stable=True)[:, :post_nms_top_n]
     slot = torch.take_along_dim(slot, best, dim=1)
@@ -330,17 +344,17 @@ def select_proposals(
     but does not saturate (``rank_by_probability`` ranks by the probabilities, as torchvision).
     No gradient flows into proposals (approximate joint training).
     """
-    logits, top_deltas, top_anchors, level_ids = _top_k_per_level(objectness, deltas, anchors, pre_nms_top_n)
+    logits, top_deltas, top_anchors, sizes = _top_k_per_level(objectness, deltas, anchors, pre_nms_top_n)
     # float32 boxes: under bf16 autocast a 1000 px coordinate would be rounded to 4 px
     logits, top_deltas = logits.detach().float(), top_deltas.detach().float()
     n = logits.shape[0]
     boxes = decode(top_deltas.reshape(-1, 4), top_anchors.reshape(-1, 4)).view(n, -1, 4)
     if use_group_nms(boxes.device):
-        sizes = [min(pre_nms_top_n, a.shape[0]) for a in anchors.values()]
         out = _proposals_grouped(boxes, logits, sizes, image_hws, post_nms_top_n, nms_thresh, min_size,
                                  rank_by_probability)
         return out if with_levels else [(b, sc) for b, sc, _ in out]
     # per image at once (parallel_pieces): NMS is a one-core kernel on a CPU and waits on CUDA
+    level_ids = _level_ids(tuple(sizes), str(boxes.device))
     out = map_pieces(lambda b, lg, hw: _proposals_for_image(b, lg, level_ids, hw, post_nms_top_n, nms_thresh, min_size,
                                                             rank_by_probability),
                      boxes.unbind(0), logits.unbind(0), image_hws, device=boxes.device)
