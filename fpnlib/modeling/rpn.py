@@ -230,8 +230,8 @@ def _top_k_per_level(
 
 @functools.lru_cache(maxsize=16)
 def _row_starts(n_img: int, n_lvl: int, width: int, device: str) -> Tensor:
-    """``[n_img * n_lvl, 1]``: where row (image, level) of a layout with rows of ``width`` starts
-    in the image's levels one after the other."""
+    """``[n_img * n_lvl, 1]``: the offset of row (image, level) within its image's levels laid
+    one after the other, ``width`` entries each (made once per pyramid shape)."""
     return torch.arange(n_lvl, device=device).repeat(n_img)[:, None] * width
 
 
