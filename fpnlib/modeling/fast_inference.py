@@ -94,7 +94,9 @@ def optimized_for_inference(model: nn.Module, channels_last: bool = True, fold_b
     for head in heads:
         head.fused_relu = True
     if fused + len(heads):
-        applied.append(f"{fused + len(heads)} convolutions end in their ReLU (one cuDNN call on CUDA)")
+        n = fused + len(heads)
+        what = f"{n} convolutions end in their ReLU" if n > 1 else "1 convolution ends in its ReLU"
+        applied.append(f"{what} (one cuDNN call on CUDA)")
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
         for backbone in _backbones(fast):

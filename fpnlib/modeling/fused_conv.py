@@ -24,7 +24,6 @@ import os
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 _refused: list[str] = []  # the first refusal's message, once cuDNN refused
@@ -84,7 +83,7 @@ def _fused_relu(conv: nn.Conv2d, x: Tensor) -> Tensor | None:
 def conv_relu(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """``relu(conv(x))``, fused where :func:`applies`."""
     out = _fused_relu(conv, x)
-    return F.relu(conv(x)) if out is None else out
+    return conv(x).relu_() if out is None else out  # in place, as torchvision's blocks: one map less
 
 
 def conv_add_relu(conv: nn.Conv2d, x: Tensor, shortcut: Tensor) -> Tensor:
@@ -98,7 +97,7 @@ def conv_add_relu(conv: nn.Conv2d, x: Tensor, shortcut: Tensor) -> Tensor:
             _refuse(err)
     out = conv(x)
     out += shortcut
-    return F.relu(out)
+    return out.relu_()
 
 
 class ConvReLU(nn.Conv2d):
@@ -115,7 +114,7 @@ class ConvReLU(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         out = _fused_relu(self, x)
-        return F.relu(super().forward(x)) if out is None else out
+        return super().forward(x).relu_() if out is None else out
 
 
 class FusedBlock(nn.Module):
