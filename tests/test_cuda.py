@@ -31,6 +31,23 @@ def _model_and_images():
     return _model().cuda(), [im.cuda() for im in _images()]
 
 
+def _eager_and_graphed(model):
+    """``model``'s inference copy without and with CUDA graphs, keeping 300 proposals per image:
+    these small images keep fewer than 1000, whose counts would be read (one wait more, and a
+    pass that waits is not captured)."""
+    from dataclasses import replace
+
+    from fpnlib.modeling.fast_inference import optimized_for_inference
+
+    model.rpn.cfg = replace(model.rpn.cfg, post_nms_top_n_test=300)
+    return tuple(optimized_for_inference(model, cuda_graphs=graphs) for graphs in (False, True))
+
+
+def _assert_same_detections(expected, got):
+    for a, b in zip(expected, got, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+
+
 def test_optimized_path_in_float32_gives_the_plain_detections_on_cuda():
     from fpnlib.modeling.fast_inference import max_box_difference, optimized_for_inference
     from fpnlib.modeling.torchvision_interop import detect
@@ -206,8 +223,7 @@ def test_grouped_nms_end_to_end_detections_on_cuda(monkeypatch):
     fast = optimized_for_inference(model)
     plain, grouped = _both_paths(monkeypatch, lambda: detect(fast, images * 3, 96, 128))
     assert sum(len(d["boxes"]) for d in plain) > 0
-    for a, b in zip(plain, grouped, strict=True):
-        assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+    _assert_same_detections(plain, grouped)
 
 
 def test_anchor_sampling_on_cuda_draws_the_right_subsets_reproducibly():
@@ -311,77 +327,59 @@ def test_guessed_sizes_give_the_read_ones_and_inference_waits_once_on_cuda(monke
     monkeypatch.setenv("FPNLIB_GUESS_SIZES", "1")
     guessed = [detect(fast, images, 96, 128) for _ in range(3)]  # the first ones may learn
     for outputs in guessed:
-        for a, b in zip(read, outputs, strict=True):
-            assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+        _assert_same_detections(read, outputs)
     work = count_host_work(lambda: detect(fast, images, 96, 128), "cuda")
     assert work["waits"] == 1, work  # the detections' counts, read with every guess's check
 
 
 @pytest.mark.parametrize("amp", [False, True])
 def test_cuda_graph_replays_give_the_eager_detections_with_one_wait(monkeypatch, fresh_learned_guesses, amp):
-    from dataclasses import replace
-
     from fpnlib.host_work import count_host_work
-    from fpnlib.modeling.fast_inference import optimized_for_inference
     from fpnlib.modeling.torchvision_interop import detect
 
     model, images = _model_and_images()
-    eager, graphed = (optimized_for_inference(model, cuda_graphs=graphs) for graphs in (False, True))
-    for fast in (eager, graphed):  # as above: the proposal counts guessed, not read
-        fast.rpn.cfg = replace(fast.rpn.cfg, post_nms_top_n_test=300)
+    eager, graphed = _eager_and_graphed(model)
     batches = [images, [im.flip(-1) for im in images], [im.flip(-2) for im in images], images]
     expected = [detect(eager, b, 96, 128, amp=amp) for b in batches]
     got = [detect(graphed, b, 96, 128, amp=amp) for b in batches]
     graphs = graphed.inference_graphs
     assert graphs.stats == {"eager": 2, "captured": 1, "replayed": 2}, graphs.stats
     for e, g in zip(expected, got, strict=True):  # each output kept, not overwritten by the next replay
-        for a, b in zip(e, g, strict=True):
-            assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+        _assert_same_detections(e, g)
     work = count_host_work(lambda: detect(graphed, images, 96, 128, amp=amp), "cuda")
     print(f"a replayed pass: {work['ops']} operators, {work['waits']} wait(s)")
     assert work["waits"] == 1 and work["ops"] < 100, work
 
 
 def test_a_pass_that_would_wait_is_not_captured_on_cuda(monkeypatch, fresh_learned_guesses):
-    from dataclasses import replace
-
-    from fpnlib.modeling.fast_inference import optimized_for_inference
     from fpnlib.modeling.torchvision_interop import detect
 
     monkeypatch.setenv("FPNLIB_TRITON_ROI_ALIGN", "0")  # the per-level RoIAlign reads its levels' counts
     model, images = _model_and_images()
-    model.rpn.cfg = replace(model.rpn.cfg, post_nms_top_n_test=300)  # counts guessed: only RoIAlign reads
-    eager, graphed = (optimized_for_inference(model, cuda_graphs=graphs) for graphs in (False, True))
+    eager, graphed = _eager_and_graphed(model)  # counts guessed: only RoIAlign reads
     expected = detect(eager, images, 96, 128)
     with pytest.warns(UserWarning, match="capture failed"):
         got = [detect(graphed, images, 96, 128) for _ in range(3)]
     assert graphed.inference_graphs.stats == {"eager": 3, "refused": 1}, graphed.inference_graphs.stats
     for outputs in got:
-        for a, b in zip(expected, outputs, strict=True):
-            assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+        _assert_same_detections(expected, outputs)
 
 
 def test_graphs_of_two_shapes_share_a_memory_pool_and_replay_in_any_order(fresh_learned_guesses):
     """``CudaGraphBackend`` captures every graph into one memory pool; a replay may write where
     the other graph's outputs were, so each replay's outputs are copied out at once. Two batch
     shapes, replayed in and out of their capture order, give the eager pass's detections."""
-    from dataclasses import replace
-
-    from fpnlib.modeling.fast_inference import optimized_for_inference
     from fpnlib.modeling.torchvision_interop import detect
 
     model, images = _model_and_images()
-    eager, graphed = (optimized_for_inference(model, cuda_graphs=graphs) for graphs in (False, True))
-    for fast in (eager, graphed):  # the proposal counts guessed, not read (as above)
-        fast.rpn.cfg = replace(fast.rpn.cfg, post_nms_top_n_test=300)
+    eager, graphed = _eager_and_graphed(model)
     two, one = images, images[1:]
     order = [two, two, one, one, two, one, two, one]  # captured at the 2nd and 4th, replayed after
     expected = {id(b): detect(eager, b, 96, 128) for b in (two, one)}
     got = [detect(graphed, b, 96, 128) for b in order]
     assert graphed.inference_graphs.stats == {"eager": 4, "captured": 2, "replayed": 4}, graphed.inference_graphs.stats
     for batch, outputs in zip(order, got, strict=True):
-        for a, b in zip(expected[id(batch)], outputs, strict=True):
-            assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+        _assert_same_detections(expected[id(batch)], outputs)
 
 
 def test_a_capture_survives_a_thread_allocating_pinned_memory_meanwhile(monkeypatch, fresh_learned_guesses):
@@ -391,15 +389,10 @@ def test_a_capture_survives_a_thread_allocating_pinned_memory_meanwhile(monkeypa
     ``capture_error_mode="thread_local"``. The thread's allocations are counted during the capture
     itself, so the test shows they overlapped."""
     import threading
-    from dataclasses import replace
-
-    from fpnlib.modeling.fast_inference import optimized_for_inference
     from fpnlib.modeling.torchvision_interop import detect
 
     model, images = _model_and_images()
-    eager, graphed = (optimized_for_inference(model, cuda_graphs=graphs) for graphs in (False, True))
-    for fast in (eager, graphed):  # the proposal counts guessed, not read (as above)
-        fast.rpn.cfg = replace(fast.rpn.cfg, post_nms_top_n_test=300)
+    eager, graphed = _eager_and_graphed(model)
     expected = detect(eager, images, 96, 128)
     stop, pinned, errors, during = threading.Event(), [], [], []
     graph = torch.cuda.graph
@@ -432,8 +425,7 @@ def test_a_capture_survives_a_thread_allocating_pinned_memory_meanwhile(monkeypa
     assert graphed.inference_graphs.stats == {"eager": 2, "captured": 1, "replayed": 1}, graphed.inference_graphs.stats
     assert during and during[0] > 0, during
     for outputs in got:
-        for a, b in zip(expected, outputs, strict=True):
-            assert all(torch.equal(a[k], b[k]) for k in ("boxes", "scores", "labels"))
+        _assert_same_detections(expected, outputs)
 
 
 def test_the_gpus_busy_share_is_measured_and_falls_when_the_host_makes_it_wait():
