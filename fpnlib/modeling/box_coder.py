@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import clip_boxes_to_image
 
+from .lean_ops import finite
+
 # Cap on dw, dh before exp(): early in training the heads emit wild deltas, and exp() of
 # them overflows to inf (then NaN losses). A box 1000/16 = 62.5x its reference is already
 # absurd, so nothing legitimate is lost (value of Detectron / Faster R-CNN).
@@ -102,4 +104,4 @@ def usable_boxes(boxes: Tensor, min_size: float) -> Tensor:
     # width and height as one [..., 2] difference: half the operators of one per side (on CUDA,
     # each is launched from the host), the same subtractions
     sides = boxes[..., 2:] - boxes[..., :2]
-    return (sides >= min_size).all(dim=-1) & torch.isfinite(boxes).all(dim=-1)
+    return (sides >= min_size).all(dim=-1) & finite(boxes).all(dim=-1)

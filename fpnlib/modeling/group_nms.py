@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .guessed_sizes import LEARNED, active
+from .lean_ops import take_rows
 
 PAIRS_PER_CHUNK = 1 << 25  # IoU temporaries: 128 MiB of float32 each
 
@@ -266,5 +267,4 @@ def grouped_nms(boxes: Tensor, scores: Tensor, valid: Tensor, thresh: float,
     (higher first), ``valid`` ``[G, n]``. Returns (``order`` ``[G, n]``: each row's positions by
     decreasing score, stable; ``keep`` ``[G, n]``: whether the box at ``order[g, r]`` is kept)."""
     order = scores.masked_fill(~valid, float("-inf")).argsort(dim=1, descending=True, stable=True)
-    sorted_boxes = torch.take_along_dim(boxes, order[..., None], dim=1)
-    return order, greedy_keep(sorted_boxes, torch.take_along_dim(valid, order, dim=1), thresh, site=site)
+    return order, greedy_keep(take_rows(boxes, order), take_rows(valid, order), thresh, site=site)

@@ -17,6 +17,7 @@ from torchvision.ops import batched_nms
 from .box_coder import FAST_RCNN_BOX_WEIGHTS, clip_boxes, clip_boxes_per_image, decode, usable_boxes
 from .group_nms import greedy_keep, use_group_nms
 from .guessed_sizes import LEARNED, active, read
+from .lean_ops import finite, take_rows
 from .parallel_pieces import map_pieces
 
 
@@ -105,7 +106,7 @@ def grouped_detections(
 
     # one more group, empty, for the rows a guessed number of groups leaves over
     group_scores = torch.cat([by_class(scores, float("-inf")), scores.new_full((1, width), float("-inf"))])
-    group_sizes = torch.isfinite(group_scores).sum(dim=1)
+    group_sizes = finite(group_scores).sum(dim=1)
     guessing = active()
     if guessing is not None and width > 0:
         # sizes guessed (the learned width and groups per image), checked instead of read
@@ -125,8 +126,8 @@ def grouped_detections(
     rows = torch.nonzero_static(group_sizes > 0, size=n_groups, fill_value=empty_row).flatten()
     top, pos = group_scores[rows].sort(dim=1, descending=True, stable=True)
     top, pos = top[:, :n], pos[:, :n]
-    top_boxes = torch.take_along_dim(by_class(boxes, 0.0)[rows.clamp(max=empty_row - 1)], pos[..., None], dim=1)
-    keep = greedy_keep(top_boxes, torch.isfinite(top), nms_thresh, site="detections")
+    top_boxes = take_rows(by_class(boxes, 0.0)[rows.clamp(max=empty_row - 1)], pos)
+    keep = greedy_keep(top_boxes, finite(top), nms_thresh, site="detections")
     # every image's kept detections by decreasing score, the image's best detections_per_img
     kept = top.new_full((empty_row + 1, n), float("-inf"))
     kept[rows] = top.masked_fill(~keep, float("-inf"))  # (the empty row stays empty: -inf only)
@@ -134,10 +135,10 @@ def grouped_detections(
     kept_boxes[rows] = top_boxes
     kept, kept_boxes = kept[:-1], kept_boxes[:-1]
     best = kept.view(n_img, -1).argsort(dim=1, descending=True, stable=True)[:, :detections_per_img]
-    found = torch.isfinite(kept).view(n_img, -1).sum(dim=1).clamp(max=detections_per_img)
+    found = finite(kept).view(n_img, -1).sum(dim=1).clamp(max=detections_per_img)
     # gathered for all images at once; each image then takes its first `found` rows
-    best_boxes = torch.take_along_dim(kept_boxes.view(n_img, -1, 4), best[..., None], dim=1)
-    best_scores = torch.take_along_dim(kept.view(n_img, -1), best, dim=1)
+    best_boxes = take_rows(kept_boxes.view(n_img, -1, 4), best)
+    best_scores = take_rows(kept.view(n_img, -1), best)
     best_labels = torch.div(best, n, rounding_mode="floor") + 1
     return PaddedDetections(best_boxes, best_scores, best_labels, found)
 

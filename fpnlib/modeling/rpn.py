@@ -30,6 +30,7 @@ from .box_coder import clip_boxes, clip_boxes_per_image, decode, encode, usable_
 from .fused_conv import conv_relu
 from .group_nms import grouped_nms, use_group_nms
 from .guessed_sizes import LEARNED, active, read
+from .lean_ops import finite, take_rows
 from .parallel_pieces import map_pieces
 from .rpn_head_grad import head_with_sampled_backward, sparse_backward_applies
 
@@ -222,7 +223,7 @@ def _top_k_per_level(
         o, d = _flatten_level(o, d)
         top, idx = o.topk(min(k, o.shape[1]), dim=1)
         out_logits.append(top)
-        out_deltas.append(torch.take_along_dim(d, idx[..., None], dim=1))
+        out_deltas.append(take_rows(d, idx))
         out_anchors.append(a[idx])
         sizes.append(idx.shape[1])
     return torch.cat(out_logits, 1), torch.cat(out_deltas, 1), torch.cat(out_anchors, 1), sizes
@@ -281,7 +282,7 @@ def _proposals_grouped(
     ``level_sizes`` entries each."""
     n_img, n_lvl, width = boxes.shape[0], len(level_sizes), max(level_sizes)
     boxes = clip_boxes_per_image(boxes, image_hws)
-    valid = usable_boxes(boxes, min_size) & torch.isfinite(logits)
+    valid = usable_boxes(boxes, min_size) & finite(logits)
     ranking = logits.sigmoid() if rank_by_probability else logits
     slots = _level_slots(tuple(level_sizes), width, str(boxes.device))
 
@@ -289,13 +290,14 @@ def _proposals_grouped(
         out = x.new_full((n_img, n_lvl * width) + x.shape[2:], fill)
         return out.index_copy_(1, slots, x).view((n_img * n_lvl, width) + x.shape[2:])
 
-    boxes, ranking, logits = by_level(boxes, 0.0), by_level(ranking, 0.0), by_level(logits, 0.0)
+    boxes, logits = by_level(boxes, 0.0), by_level(logits, 0.0)
+    ranking = by_level(ranking, 0.0) if rank_by_probability else logits
     order, keep = grouped_nms(boxes, ranking, by_level(valid, False), nms_thresh, site="proposals")
     # back to padded positions per image, then the image's top post_nms_top_n over its levels
     slot = (order + _row_starts(n_img, n_lvl, width, str(order.device))).view(n_img, -1)
-    kept_rank = torch.take_along_dim(ranking, order, dim=1).masked_fill(~keep, float("-inf"))
+    kept_rank = take_rows(ranking, order).masked_fill(~keep, float("-inf"))
     best = kept_rank.view(n_img, -1).argsort(dim=1, descending=True, stable=True)[:, :post_nms_top_n]
-    slot = torch.take_along_dim(slot, best, dim=1)
+    slot = take_rows(slot, best)
     kept = keep.view(n_img, -1).sum(dim=1)
     guessing, layout = active(), ("counts", (tuple(level_sizes), post_nms_top_n))
     if guessing is not None and sum(level_sizes) >= post_nms_top_n and layout[1] not in LEARNED.counts_read:
@@ -304,8 +306,8 @@ def _proposals_grouped(
     else:
         counts = read(kept.clamp(max=post_nms_top_n))  # the one wait for counts
     # gathered for all images at once; each image then takes its first `count` rows (views)
-    top_boxes = torch.take_along_dim(boxes.view(n_img, -1, 4), slot[..., None], dim=1)
-    top_logits = torch.take_along_dim(logits.view(n_img, -1), slot, dim=1)
+    top_boxes = take_rows(boxes.view(n_img, -1, 4), slot)
+    top_logits = take_rows(logits.view(n_img, -1), slot)
     top_levels = torch.div(slot, width, rounding_mode="floor")
     # sigmoid per image, as the per-image path: a CPU's vector loop and its scalar tail round
     # some values differently, so where an element falls would change its last bit
