@@ -19,6 +19,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RUN_OUTPUTS = ("results", "figures", "README.md", "notebooks")
 
 
+def shown_path(path: str | Path) -> str:
+    """``path`` as a record names it: relative to the repository where it lies inside (a record
+    committed from one machine names no folder of that machine), else as given."""
+    resolved = Path(path).resolve()
+    return resolved.relative_to(REPO_ROOT).as_posix() if resolved.is_relative_to(REPO_ROOT) else str(path)
+
+
 def git_commit(root: Path = REPO_ROOT) -> str:
     """The commit of the working tree, with ``+dirty`` when it has uncommitted changes outside
     ``RUN_OUTPUTS`` (so a run's own results do not mark the later steps of that run dirty).

@@ -24,6 +24,7 @@ from fpnlib.experiments import table1
 from fpnlib.experiments.tables import (Claim, RowJob, check_claims, halving_lr_on_divergence, render_table,
                                        reuse_evaluated, row_schedule, run_rows)
 from fpnlib.modeling.fast_rcnn import FastRCNN, FastRCNNConfig
+from fpnlib.provenance import shown_path
 
 ROWS = {"a": "c4_conv5", "b": "c5_2fc", "c": "fpn", "d": "bottom_up", "e": "top_down_no_lateral", "f": "p2_only"}
 PAPER_KEYS = {"c4_conv5": "a_conv4", "c5_2fc": "b_conv5", "fpn": "c_fpn", "bottom_up": "d_bottom_up",
@@ -190,7 +191,7 @@ def run_table2(preset: str, data_root, table1_runs, runs_dir, out_dir, seed: int
     out_dir.mkdir(parents=True, exist_ok=True)
     proposals = compute_fixed_proposals(preset, data_root, Path(table1_runs) / "fpn", runs_dir, seed=seed,
                                         device=device, progress=progress)
-    record = {"table": 2, "rows": {}, "proposals": {k: str(v) for k, v in proposals.items()},
+    record = {"table": 2, "rows": {}, "proposals": {k: shown_path(v) for k, v in proposals.items()},
               "deviations": {k: v for k, v in DEVIATIONS.items() if k not in BUDGETS or k == preset},
               "budget": {"model": BUDGETS[preset].model, "schedule": vars(BUDGETS[preset].schedule)}}
 
