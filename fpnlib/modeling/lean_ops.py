@@ -3,8 +3,8 @@
 On CUDA every operator of inference after the backbone is a launch from the host, and the heads
 are bound by those launches (``fpnlib.host_work``). ``torch.isfinite`` dispatches four operators
 (``abs``, ``ne``, ``eq`` and an ``and``) and ``torch.take_along_dim`` two (a ``remainder`` that
-wraps negative indices, then ``gather``); the forms here dispatch two and one, and give the same
-tensors bit for bit (``tests/test_lean_ops.py``).
+wraps negative indices, then ``gather``); the forms here launch two and one (views aside), and
+give the same tensors bit for bit (``tests/test_lean_ops.py``).
 """
 from __future__ import annotations
 
