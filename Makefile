@@ -14,7 +14,7 @@ STAMP := $(VENV)/.fpnlib-installed
 # files handed out in tests/conftest.py's order (slow files first), not re-sorted by test count
 TEST_WORKERS ?= 2
 
-.PHONY: help setup test reproduce bench data lab student clean-data
+.PHONY: help setup test reproduce bench data lab student clean-data gpu-wheels
 
 help:
 	@echo "make reproduce   run the whole reproduction under PRESET=$(PRESET)"
@@ -23,6 +23,7 @@ help:
 	@echo "make data        generate the embedded data set for PRESET"
 	@echo "make lab         open the notebooks in JupyterLab"
 	@echo "make student     write student/: the notebooks with the exercises' solutions stripped"
+	@echo "make gpu-wheels  .whl/: the pycocotools wheel a lent GPU machine lacks (see .ci/gpu-session.sh)"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +52,13 @@ lab: $(STAMP)
 
 student: $(STAMP)
 	$(PY) -m fpnlib student --out student
+
+# the lent GPU machines run Python 3.12 and reach no registry: fetch the wheel here, carry .whl/ there
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  $(addprefix --platform ,$(GPU_PLATFORMS)) -d .whl \
+	  pycocotools==$$($(PY) -c "from importlib.metadata import version; print(version('pycocotools'))")
 
 clean-data:
 	rm -rf data/smoke data/cpu data/gpu
