@@ -97,7 +97,7 @@ def render_reproduce_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu")
 
 def render_bench_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> str:
     """Every ``results/bench/<hardware>.json``: images/s beside torchvision and where the time goes."""
-    from fpnlib.bench import summary, targets
+    from fpnlib.bench import EAGER_ARM, summary, targets
 
     files = sorted((Path(results_dir) / "bench").glob("*.json"))
     if not files:
@@ -134,6 +134,21 @@ def render_bench_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> 
                 f"{lib} " + (f"{100 * b[lib]['busy_share']:.0f}%" if b.get(lib) and b[lib]["busy_share"] is not None
                              else "not measured") for lib in ("fpnlib", "torchvision"))
                     + (f" ({b['error']})" if "error" in b else "") for name, mode, b in busy]
+        graphed = [(name, r["infer"]) for name, r in rec["configs"].items() if "cuda_graphs_speedup" in r["infer"]]
+        if graphed:
+            out += ["", "Inference replayed from CUDA graphs (`fpnlib/modeling/cuda_graphs.py`), beside the same model "
+                        "with its graphs paused in the same alternation:", ""]
+            for name, i in graphed:
+                body = f"{1000 * i['fpnlib_backbone_fpn_alone_s']:.1f} ms eager"
+                replayed = i.get("fpnlib_backbone_fpn_alone_graphed_s")  # seconds, or why its capture failed
+                if replayed is not None:
+                    body += f", {1000 * replayed:.1f} ms replayed" if isinstance(replayed, float) else f" (replayed: {replayed})"
+                out.append(f"- {name}: {1000 * i['median_s']['fpnlib']:.1f} ms a batch replayed, "
+                           f"{1000 * i['median_s'][EAGER_ARM]:.1f} ms without graphs ({i['cuda_graphs_speedup']:.2f}x); "
+                           f"backbone + FPN alone {body}; detector / body "
+                           f"{i['fpnlib_detector_over_backbone_fpn']:.2f} (against the faster body), without graphs "
+                           f"{i['fpnlib_without_graphs_detector_over_backbone_fpn']:.2f}; passes: "
+                           + ", ".join(f"{k} {v}" for k, v in i["cuda_graph_passes"].items()))
         out += ["", "Same detections, and memory:", ""]
         for name, r in rec["configs"].items():
             opt, plain, mem = r["same_outputs"], r["same_outputs_plain"], r.get("peak_memory", {})

@@ -163,12 +163,24 @@ def test_the_compile_arm_compiles_both_models_and_keeps_the_detections(tmp_path,
     assert r["same_outputs"]["max_box_difference_px"] <= BOX_TOLERANCE_PX
 
 
-def test_with_cuda_graphs_the_bench_times_the_graphs_beside_the_same_model_without(monkeypatch, fresh_learned_guesses):
+@pytest.mark.parametrize("body_capture", ["works", "fails"])
+def test_with_cuda_graphs_the_bench_times_the_graphs_beside_the_same_model_without(monkeypatch, fresh_learned_guesses,
+                                                                                  body_capture):
     """``FPNLIB_CUDA_GRAPHS=1``: fpnlib's inference is timed replayed and, in the same
     alternation, with its graphs paused; the record keeps both and how the passes ran. On a CPU
-    the graphs' stand-in replays by running the pass again (``cuda_graphs.RerunBackend``)."""
+    the graphs' stand-in replays by running the pass again (``cuda_graphs.RerunBackend``).
+    Backbone + FPN alone is timed eagerly and replayed; a failed capture of the body leaves its
+    error in the record and the eager body as the target's."""
     from fpnlib.modeling import cuda_graphs
 
+    if body_capture == "fails":
+        eager_only = bench.body_seconds
+
+        def body_seconds(*args, graphed=False, **kwargs):
+            if graphed:
+                raise RuntimeError("capture failed")
+            return eager_only(*args, **kwargs)
+        monkeypatch.setattr(bench, "body_seconds", body_seconds)
     monkeypatch.setenv("FPNLIB_CUDA_GRAPHS", "1")
     monkeypatch.setenv("FPNLIB_GROUP_NMS", "1")
     monkeypatch.setattr(cuda_graphs, "CudaGraphBackend", cuda_graphs.RerunBackend)
@@ -180,6 +192,15 @@ def test_with_cuda_graphs_the_bench_times_the_graphs_beside_the_same_model_witho
     assert infer["cuda_graph_passes"] == {"eager": 2, "captured": 1, "replayed": 2}, infer["cuda_graph_passes"]
     assert infer["cuda_graphs_speedup"] == pytest.approx(
         infer["median_s"][bench.EAGER_ARM] / infer["median_s"]["fpnlib"], rel=1e-2)
+    # the target's ratio takes the faster of the body alone eager and replayed from its own graph
+    if body_capture == "fails":
+        assert infer["fpnlib_backbone_fpn_alone_graphed_s"] == "RuntimeError: capture failed"
+        body = infer["fpnlib_backbone_fpn_alone_s"]
+    else:
+        body = min(infer["fpnlib_backbone_fpn_alone_s"], infer["fpnlib_backbone_fpn_alone_graphed_s"])
+    assert infer["fpnlib_detector_over_backbone_fpn"] == pytest.approx(infer["median_s"]["fpnlib"] / body, rel=1e-2)
+    assert infer["fpnlib_without_graphs_detector_over_backbone_fpn"] == pytest.approx(
+        infer["median_s"][bench.EAGER_ARM] / infer["fpnlib_backbone_fpn_alone_s"], rel=1e-2)
     assert infer["fpnlib_without_graphs_detector_over_backbone_fpn"] > 1.0
     assert set(r["train"]["seconds_per_step"]) == {"fpnlib", "torchvision"}
     assert all(a == b for a, b in r["same_outputs"]["detections_per_image"]), r["same_outputs"]

@@ -84,6 +84,29 @@ def test_bench_block_gives_the_gpus_busy_share_where_recorded(tmp_path):
     assert "- r50_fpn_gpu, infer: fpnlib not measured, torchvision not measured (RuntimeError: no CUPTI)" in lines
 
 
+def test_bench_block_gives_the_graphs_beside_the_same_model_without_where_recorded(tmp_path):
+    from fpnlib.bench import EAGER_ARM
+    from fpnlib.report import render_bench_block
+
+    rec = json.loads((RESULTS_DIR / "bench" / "cuda-nvidia-h200.json").read_text())
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "cuda-x.json").write_text(json.dumps(rec))
+    assert "CUDA graphs (" not in render_bench_block(tmp_path)  # recorded without graphs
+    infer = rec["configs"]["r50_fpn_gpu"]["infer"]
+    infer["median_s"] = {"fpnlib": 0.0125, "torchvision": 0.078, EAGER_ARM: 0.02}
+    infer.update(fpnlib_backbone_fpn_alone_s=0.009, fpnlib_backbone_fpn_alone_graphed_s=0.0085,
+                 fpnlib_detector_over_backbone_fpn=1.471, cuda_graphs_speedup=1.6,
+                 fpnlib_without_graphs_detector_over_backbone_fpn=2.222,
+                 cuda_graph_passes={"eager": 2, "captured": 1, "replayed": 15})
+    (tmp_path / "bench" / "cuda-x.json").write_text(json.dumps(rec))
+    assert ("- r50_fpn_gpu: 12.5 ms a batch replayed, 20.0 ms without graphs (1.60x); backbone + FPN alone 9.0 ms "
+            "eager, 8.5 ms replayed; detector / body 1.47 (against the faster body), without graphs 2.22; "
+            "passes: eager 2, captured 1, replayed 15") in render_bench_block(tmp_path).splitlines()
+    infer["fpnlib_backbone_fpn_alone_graphed_s"] = "RuntimeError: capture failed"
+    (tmp_path / "bench" / "cuda-x.json").write_text(json.dumps(rec))
+    assert "backbone + FPN alone 9.0 ms eager (replayed: RuntimeError: capture failed); " in render_bench_block(tmp_path)
+
+
 def test_reproduce_block_says_how_many_rows_trained_at_once_only_where_recorded(tmp_path):
     from fpnlib.report import render_reproduce_block
 
