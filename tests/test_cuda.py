@@ -184,10 +184,11 @@ def test_overlap_kernel_is_the_eager_formula_on_cuda():
     g = torch.Generator().manual_seed(0)
     boxes = torch.stack([_clustered_boxes(g, 1000) for _ in range(5)]).cuda()
     valid = (torch.rand(5, 1000, generator=g) > 0.1).cuda()
+    valid[3], valid[4] = torch.arange(1000) < 100, False  # padded after 100 candidates; none
     upper = torch.ones((1000, 1000), dtype=torch.bool, device="cuda").triu_(1)
     for t in (0.5, 0.7):
         for fused in (False, True):
-            eager = group_nms.overlaps_above(boxes, t, fused) & upper & valid[:, :, None]
+            eager = group_nms.overlaps_above(boxes, t, fused) & upper & valid[:, :, None] & valid[:, None, :]
             kernel = group_nms._suppression_matrix(boxes, valid, t, torch.float16, fused)
             print(t, fused, int(eager.sum()), int((kernel != eager.half()).sum()))
             assert torch.equal(kernel, eager.half())

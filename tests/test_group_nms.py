@@ -179,7 +179,9 @@ def test_grouped_detections_of_nothing(monkeypatch):
 def test_overlap_kernel_in_tritons_interpreter_is_the_eager_formula(in_triton_interpreter):
     """The Triton kernel CUDA runs, executed by Triton's CPU interpreter (``tests/test_cuda.py``
     runs it on a GPU). Its output is allocated holding 7s, as ``torch.empty`` may leave it: the
-    kernel must write every element, the tiles below the diagonal it does not compute too."""
+    kernel must write every element, the tiles it does not compute too: below the diagonal, and
+    after a group's last candidate (groups padded to the widest: 5, 64 and 65 candidates in 130
+    places, none, and only the last place)."""
     in_triton_interpreter(
         "import torch\n"
         "empty = torch.empty\n"
@@ -187,16 +189,20 @@ def test_overlap_kernel_in_tritons_interpreter_is_the_eager_formula(in_triton_in
         "from test_group_nms import _clustered_boxes\n"
         "from fpnlib.modeling import group_nms\n"
         "g = torch.Generator().manual_seed(0)\n"
-        "boxes = torch.stack([_clustered_boxes(g, 130) for _ in range(3)])\n"
-        "valid = torch.rand(3, 130, generator=g) > 0.2\n"
+        "boxes = torch.stack([_clustered_boxes(g, 130) for _ in range(8)])\n"
+        "valid = torch.rand(8, 130, generator=g) > 0.2\n"
+        "for row, count in zip(range(3, 7), (5, 64, 65, 0)):\n"
+        "  valid[row] = torch.arange(130) < count\n"
+        "valid[7] = torch.arange(130) == 129\n"
+        "assert group_nms._group_ends(valid)[3:].tolist() == [5, 64, 65, 0, 130]\n"
         "upper = torch.ones(130, 130, dtype=torch.bool).triu(1)\n"
         "for t in (0.5, 0.7):\n"
         "  for fused in (False, True):\n"
-        "    eager = group_nms.overlaps_above(boxes, t, fused) & upper & valid[:, :, None]\n"
+        "    eager = group_nms.overlaps_above(boxes, t, fused) & upper & valid[:, :, None] & valid[:, None, :]\n"
         "    assert group_nms._triton_kernels() is not None\n"
         "    kernel = group_nms._suppression_matrix(boxes, valid, t, torch.float32, fused)\n"
         "    assert torch.equal(kernel, eager.float()), (t, fused)\n"
-        "    assert eager.sum() > 50\n"
+        "    assert eager.sum() > 50 and eager[3:6].sum() > 10\n"
     )
 
 
@@ -204,7 +210,8 @@ def test_packed_rounds_in_tritons_interpreter_keep_torchvisions_boxes(in_triton_
     """``FPNLIB_NMS_BITS=1``: the overlaps packed 32 pairs a word and each round one kernel
     (``group_nms.packed_rounds``), run by Triton's CPU interpreter. Every group keeps what
     torchvision's ``nms`` keeps, and the packed words are the unpacked matrix's bits: widths that
-    are not a multiple of 32, invalid boxes, a chain that needs one round a box."""
+    are not a multiple of 32, invalid boxes, a group padded after its 40 candidates, one with
+    none, a chain that needs one round a box."""
     in_triton_interpreter(
         "import os, torch\n"
         "from torchvision.ops import nms\n"
@@ -216,6 +223,8 @@ def test_packed_rounds_in_tritons_interpreter_keep_torchvisions_boxes(in_triton_
         "for n in (70, 130, 300):  # 300: two blocks of 8 words in a round\n"
         "  boxes = torch.stack([_clustered_boxes(g, n) for _ in range(3)] + [chain[:n]])\n"
         "  valid = torch.rand(4, n, generator=g) > 0.2\n"
+        "  valid[1] = torch.arange(n) < 40  # padded after its candidates, as most groups are\n"
+        "  valid[2] = False  # no candidate\n"
         "  valid[3] = True\n"
         "  assert group_nms.packed_rounds(boxes.device)\n"
         "  for t in (0.3, 0.5):\n"

@@ -102,9 +102,10 @@ def _triton_kernels():
             return None
 
         @triton.jit
-        def overlaps_kernel(boxes, valid, out, n, words, thresh, FUSED: tl.constexpr, PACKED: tl.constexpr,
+        def overlaps_kernel(boxes, valid, ends, out, n, words, thresh, FUSED: tl.constexpr, PACKED: tl.constexpr,
                             BLOCK: tl.constexpr):
             g, bi, bj = tl.program_id(2).to(tl.int64), tl.program_id(0), tl.program_id(1)
+            end = tl.load(ends + g)  # no candidate at or after this position of group g
             i = bi * BLOCK + tl.arange(0, BLOCK)
             j = bj * BLOCK + tl.arange(0, BLOCK)
             if PACKED:  # 32 pairs (i, j..j+31) a word, bit b for j + b: [G, n, words] int32
@@ -116,7 +117,9 @@ def _triton_kernels():
                 tile = out + g * n * n + i[:, None] * n + j[None, :]
                 inside = (i[:, None] < n) & (j[None, :] < n)
                 zeros = tl.zeros((BLOCK, BLOCK), dtype=out.dtype.element_ty)
-            if bj < bi:  # a tile below the diagonal: every j < i, no pair to compute (half the tiles)
+            # below the diagonal every j < i (half the tiles); at or after the group's end (a group
+            # padded to the widest: most of it) no candidate: no pair to compute
+            if (bj < bi) | (bj * BLOCK >= end):
                 tl.store(tile, zeros, mask=inside)
             else:
                 base = boxes + g * n * 4
@@ -136,7 +139,8 @@ def _triton_kernels():
                     total = area_i[:, None] + ((x2j - x1j) * (y2j - y1j))[None, :]
                 iou = tl.math.div_rn(inter, total - inter)
                 row_ok = tl.load(valid + g * n + i, mask=i < n, other=0) != 0
-                s = (iou > thresh) & (j[None, :] > i[:, None]) & row_ok[:, None]
+                col_ok = tl.load(valid + g * n + j, mask=j < n, other=0) != 0
+                s = (iou > thresh) & (j[None, :] > i[:, None]) & row_ok[:, None] & col_ok[None, :]
                 if PACKED:  # distinct bits: their sum is their OR
                     shifted = tl.reshape(s.to(tl.int32), (BLOCK, BLOCK // 32, 32)) << tl.arange(0, 32)[None, None, :]
                     tl.store(tile, tl.sum(shifted, axis=2), mask=inside)
@@ -144,15 +148,16 @@ def _triton_kernels():
                     tl.store(tile, s.to(out.dtype.element_ty), mask=inside)
 
         @triton.jit
-        def round_kernel(bits, keep, valid, out, n, words, ROWS: tl.constexpr, WORDS: tl.constexpr):
+        def round_kernel(bits, keep, valid, ends, out, n, words, ROWS: tl.constexpr, WORDS: tl.constexpr):
             # one greedy-NMS round on packed overlaps: out[g, j] = valid[g, j] and no kept i
             # (i < j) with bit j of row i; rows are read WORDS words wide, ROWS at a time, and
             # their bits unpacked to take the maximum over the kept rows (Triton's portable reductions)
             g, wb = tl.program_id(1).to(tl.int64), tl.program_id(0)
+            end = tl.load(ends + g)  # rows at or after it are not candidates, so never kept
             w = wb * WORDS + tl.arange(0, WORDS)
             b = tl.arange(0, 32)
             hit = tl.zeros((WORDS, 32), dtype=tl.int32)
-            for i0 in range(0, tl.minimum((wb + 1) * WORDS * 32, n), ROWS):  # rows i >= j suppress no j here
+            for i0 in range(0, tl.minimum(tl.minimum((wb + 1) * WORDS * 32, n), end), ROWS):  # i >= j: no j here
                 i = i0 + tl.arange(0, ROWS)
                 kept = tl.load(keep + g * n + i, mask=i < n, other=0) != 0
                 tile = tl.load(bits + g * n * words + i[:, None] * words + w[None, :],
@@ -181,12 +186,21 @@ def packed_rounds(device: torch.device | str) -> bool:
     return os.environ.get("FPNLIB_NMS_BITS", "0") == "1" and _kernels(device) is not None
 
 
+def _group_ends(valid: Tensor) -> Tensor:
+    """``[G]`` int32: one past each group's last candidate (0 for none). The kernels skip the
+    padding after it: post-processing pads every (image, class) group to the widest, which
+    can hold many times the candidates of most groups."""
+    n = valid.shape[1]
+    position = torch.arange(1, n + 1, dtype=torch.int32, device=valid.device)
+    return torch.where(valid, position, 0).amax(dim=1)
+
+
 def _suppression_matrix(boxes: Tensor, valid: Tensor, thresh: float, dtype: torch.dtype,
-                        fused: bool | None = None) -> Tensor:
-    """``S[g, i, j]`` (0/1 in ``dtype``): box ``i`` is a candidate ranked before ``j`` and overlaps
-    it above ``thresh`` (``fused``, default: on CUDA, as in :func:`overlaps_above`). ``int32``:
-    packed by the kernel, ``[G, n, ceil(n / 32)]``, pair ``(i, j)`` at bit ``j % 32`` of word
-    ``j // 32``."""
+                        fused: bool | None = None, ends: Tensor | None = None) -> Tensor:
+    """``S[g, i, j]`` (0/1 in ``dtype``): candidate ``i`` is ranked before candidate ``j`` and
+    overlaps it above ``thresh`` (``fused``, default: on CUDA, as in :func:`overlaps_above`).
+    ``int32``: packed by the kernel, ``[G, n, ceil(n / 32)]``, pair ``(i, j)`` at bit ``j % 32``
+    of word ``j // 32``. ``ends``: :func:`_group_ends` of ``valid``, if already made."""
     g, n = valid.shape
     fused = boxes.is_cuda if fused is None else fused
     kernels = _kernels(boxes.device)
@@ -198,14 +212,16 @@ def _suppression_matrix(boxes: Tensor, valid: Tensor, thresh: float, dtype: torc
     if kernels is not None:
         block = 64
         grid = (-(-n // block), -(-n // block), g)
-        kernels[0][grid](boxes.float().contiguous(), valid.to(torch.uint8).contiguous(), suppress, n, words,
+        ends = _group_ends(valid) if ends is None else ends
+        kernels[0][grid](boxes.float().contiguous(), valid.to(torch.uint8).contiguous(), ends, suppress, n, words,
                          float(thresh), FUSED=fused, PACKED=packed, BLOCK=block, enable_fp_fusion=False)
         return suppress
     upper = torch.ones((n, n), dtype=torch.bool, device=boxes.device).triu_(1)
     per_chunk = max(1, PAIRS_PER_CHUNK // (n * n))
     for s in range(0, g, per_chunk):
         over = overlaps_above(boxes[s:s + per_chunk], thresh, fused)
-        suppress[s:s + per_chunk] = over & upper & valid[s:s + per_chunk, :, None]
+        part = valid[s:s + per_chunk]
+        suppress[s:s + per_chunk] = over & upper & part[:, :, None] & part[:, None, :]
     return suppress
 
 
@@ -223,13 +239,15 @@ def greedy_keep(boxes: Tensor, valid: Tensor, thresh: float, check_every: int = 
     guessing = active() if site is not None else None
     limit = n if guessing is None else min(n, LEARNED.rounds_for(site))
     if packed_rounds(boxes.device):  # the kept set as uint8 [G, n]; a round is one kernel
-        bits, candidate = _suppression_matrix(boxes, valid, thresh, torch.int32), valid.to(torch.uint8).contiguous()
+        ends = _group_ends(valid)
+        bits = _suppression_matrix(boxes, valid, thresh, torch.int32, ends=ends)
+        candidate = valid.to(torch.uint8).contiguous()
         words, round_kernel = bits.shape[2], _kernels(boxes.device)[1]
         grid = (-(-words // 8), g)
 
         def step(keep: Tensor) -> Tensor:
             new = torch.empty_like(candidate)
-            round_kernel[grid](bits, keep, candidate, new, n, words, ROWS=32, WORDS=8)
+            round_kernel[grid](bits, keep, candidate, ends, new, n, words, ROWS=32, WORDS=8)
             return new
     else:
         # float16 on CUDA: sums of 0s and 1s (counts up to 2048 are exact), only tested == 0
