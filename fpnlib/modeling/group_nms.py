@@ -109,9 +109,9 @@ def _triton_kernels():
             i = bi * BLOCK + tl.arange(0, BLOCK)
             j = bj * BLOCK + tl.arange(0, BLOCK)
             if PACKED:  # 32 pairs (i, j..j+31) a word, bit b for j + b: [G, n, words] int32
-                w = bj * (BLOCK // 32) + tl.arange(0, BLOCK // 32)
-                tile = out + g * n * words + i[:, None] * words + w[None, :]
-                inside = (i[:, None] < n) & (w[None, :] < words)
+                word = bj * (BLOCK // 32) + tl.arange(0, BLOCK // 32)  # (not `w`: a width below)
+                tile = out + g * n * words + i[:, None] * words + word[None, :]
+                inside = (i[:, None] < n) & (word[None, :] < words)
                 zeros = tl.zeros((BLOCK, BLOCK // 32), dtype=tl.int32)
             else:
                 tile = out + g * n * n + i[:, None] * n + j[None, :]
