@@ -508,11 +508,17 @@ def run_config(name: str, reps: int = 10, warmup: int = 2, device: str = "cpu", 
         record[mode]["host_work"] = {lib: count_host_work(steps[lib][mode], device, cuda_path=lib == "fpnlib", warmup=1)
                                      for lib in ("fpnlib", "torchvision")}
         if cuda:  # how much of its steps the GPU works; a failing profiler must not lose the timings above
+            arms = {lib: steps[lib][mode] for lib in ("fpnlib", "torchvision")}
+            if graphed and mode == "infer":  # the same kernels, each launched and traced on its own
+                arms[EAGER_ARM] = infer_eager
             try:
-                record[mode]["device_busy"] = {lib: device_busy(steps[lib][mode], device)
-                                               for lib in ("fpnlib", "torchvision")}
+                record[mode]["device_busy"] = {lib: device_busy(step, device) for lib, step in arms.items()}
             except RuntimeError as err:
                 record[mode]["device_busy"] = {"error": f"{type(err).__name__}: {err}"}
+            floor = record[mode]["device_busy"].get(EAGER_ARM if graphed else "fpnlib") or {}
+            if mode == "infer" and floor.get("busy_s_per_step"):  # the detector / body ratio with no host time
+                record[mode]["fpnlib_device_s_per_step"] = floor["busy_s_per_step"]
+                record[mode]["fpnlib_device_over_backbone_fpn"] = round(floor["busy_s_per_step"] / body, 3)
         model = fast if mode == "infer" else ours
         with cuda_graphs.paused(model):  # a replayed graph calls no module's timing hooks
             record[mode]["fpnlib_stages"] = stage_breakdown(model, steps["fpnlib"][mode], max(3, reps // 2), device)

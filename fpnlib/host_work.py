@@ -155,21 +155,27 @@ def count_host_work(step: Callable[[], object], device: torch.device | str = "cp
             "top_ops": dict(counter.ops.most_common(10))}
 
 
-def busy_share(intervals) -> float:
-    """The share of the span from the first start to the last end that the union of
-    ``intervals`` ((start, end) pairs) covers: overlapping intervals count once."""
+def busy_time(intervals) -> int:
+    """How long the union of ``intervals`` ((start, end) pairs) lasts: overlapping intervals count once."""
     intervals = sorted(intervals)
     if not intervals:
-        return 0.0
-    span = max(e for _, e in intervals) - intervals[0][0]
+        return 0
     busy, (start, end) = 0, intervals[0]
     for s, e in intervals[1:]:
         if s > end:  # a gap: the device idled
             busy, start, end = busy + end - start, s, e
         else:
             end = max(end, e)
-    busy += end - start
-    return busy / span if span > 0 else 0.0
+    return busy + end - start
+
+
+def busy_share(intervals) -> float:
+    """The share of the span from the first start to the last end that the union of
+    ``intervals`` covers (:func:`busy_time`)."""
+    if not intervals:
+        return 0.0
+    span = max(e for _, e in intervals) - min(s for s, _ in intervals)
+    return busy_time(intervals) / span if span > 0 else 0.0
 
 
 def _intervals(prof, device_type) -> list[tuple[int, int]]:
@@ -183,7 +189,9 @@ def device_busy(step: Callable[[], object], device: torch.device | str, reps: in
     the step; well below 1 it waits for the host (Python, dispatch, reads in the middle of a step),
     and host work is where time can be saved. None on a CPU, whose work is all on the host.
 
-    Returns ``{"busy_share": x, "reps": n}``; the profiler's own cost on the host can only lower it."""
+    Returns ``{"busy_share": x, "busy_s_per_step": t, "reps": n}``: ``t``, the GPU's busy time
+    per step, is what a step would take if its host cost nothing (its device-work floor). The
+    profiler's own cost on the host can only lower the share, not the busy time."""
     if torch.device(device).type != "cuda":
         return None
     from torch.autograd import DeviceType
@@ -199,4 +207,5 @@ def device_busy(step: Callable[[], object], device: torch.device | str, reps: in
     intervals = _intervals(prof, DeviceType.CUDA)
     if not intervals:  # the profiler saw no GPU activity (no CUPTI): nothing measured
         return {"busy_share": None, "reps": reps, "note": "the profiler recorded no GPU activity"}
-    return {"busy_share": round(busy_share(intervals), 4), "reps": reps}
+    return {"busy_share": round(busy_share(intervals), 4),
+            "busy_s_per_step": round(busy_time(intervals) / reps / 1e9, 6), "reps": reps}

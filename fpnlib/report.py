@@ -131,9 +131,11 @@ def render_bench_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> 
             out += ["", "The GPU's busy share of back-to-back steps (profiled; well below 100%: it waits for the host, "
                         "`host_work.device_busy`):", ""]
             out += [f"- {name}, {mode}: " + ", ".join(
-                f"{lib} " + (f"{100 * b[lib]['busy_share']:.0f}%" if b.get(lib) and b[lib]["busy_share"] is not None
-                             else "not measured") for lib in ("fpnlib", "torchvision"))
+                f"{lib} " + _busy(b.get(lib)) for lib in ("fpnlib", EAGER_ARM, "torchvision") if lib != EAGER_ARM or lib in b)
                     + (f" ({b['error']})" if "error" in b else "") for name, mode, b in busy]
+            out += [f"- {name}: fpnlib's device work alone is {r['infer']['fpnlib_device_over_backbone_fpn']:.2f}x "
+                    f"backbone + FPN alone, the detector / body ratio if its host cost nothing"
+                    for name, r in rec["configs"].items() if "fpnlib_device_over_backbone_fpn" in r["infer"]]
         graphed = [(name, r["infer"]) for name, r in rec["configs"].items() if "cuda_graphs_speedup" in r["infer"]]
         if graphed:
             out += ["", "Inference replayed from CUDA graphs (`fpnlib/modeling/cuda_graphs.py`), beside the same model "
@@ -180,6 +182,14 @@ def render_bench_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> 
                            "this hardware).")]
         out.append("")
     return "\n".join(out).rstrip()
+
+
+def _busy(b: dict | None) -> str:
+    """One library's entry of the busy-share lines: share, and the busy time where recorded."""
+    if not b or b.get("busy_share") is None:
+        return "not measured"
+    return f"{100 * b['busy_share']:.0f}%" + (f" ({1000 * b['busy_s_per_step']:.1f} ms a step)"
+                                             if "busy_s_per_step" in b else "")
 
 
 def render_claims_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> str:

@@ -442,8 +442,10 @@ def test_the_gpus_busy_share_is_measured_and_falls_when_the_host_makes_it_wait()
         for _ in range(20):
             (x[:8, :8] @ x[:8, :8]).sum().item()  # a tiny kernel, then a read: the GPU waits for the host
 
-    busy, waiting = device_busy(busy_step, "cuda")["busy_share"], device_busy(waiting_step, "cuda")["busy_share"]
-    assert 0.9 < busy <= 1.0 and 0.0 < waiting < 0.5, (busy, waiting)
+    busy, waiting = device_busy(busy_step, "cuda"), device_busy(waiting_step, "cuda")
+    assert 0.9 < busy["busy_share"] <= 1.0 and 0.0 < waiting["busy_share"] < 0.5, (busy, waiting)
+    # the busy time of a step: twenty products' kernels, a few tiny ones'
+    assert busy["busy_s_per_step"] > 10 * waiting["busy_s_per_step"] > 0, (busy, waiting)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

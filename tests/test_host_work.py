@@ -101,8 +101,9 @@ def test_copies_between_host_and_device_count_where_they_wait():
 
 
 def test_busy_share_is_the_union_of_intervals_over_their_span():
-    from fpnlib.host_work import busy_share
+    from fpnlib.host_work import busy_share, busy_time
 
+    assert busy_time([(20, 30), (0, 10), (5, 15)]) == 25 and busy_time([]) == 0
     assert busy_share([(20, 30), (0, 10), (5, 15)]) == 25 / 30  # overlaps count once, the gap 15-20 idles
     assert busy_share([(0, 10), (2, 3)]) == 1.0  # nested: all busy
     assert busy_share([(0, 1), (9, 10)]) == 0.2

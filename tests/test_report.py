@@ -69,6 +69,7 @@ def test_bench_block_gives_the_hosts_part_of_each_stage_on_cuda(tmp_path):
 
 
 def test_bench_block_gives_the_gpus_busy_share_where_recorded(tmp_path):
+    from fpnlib.bench import EAGER_ARM
     from fpnlib.report import render_bench_block
 
     rec = json.loads((RESULTS_DIR / "bench" / "cuda-nvidia-h100-80gb-hbm3.json").read_text())
@@ -82,6 +83,17 @@ def test_bench_block_gives_the_gpus_busy_share_where_recorded(tmp_path):
     lines = render_bench_block(tmp_path).splitlines()
     assert "- r50_fpn_gpu, train: fpnlib 61%, torchvision 90%" in lines
     assert "- r50_fpn_gpu, infer: fpnlib not measured, torchvision not measured (RuntimeError: no CUPTI)" in lines
+    assert "device work alone" not in "\n".join(lines)
+    # with graphs: the same model without them profiled too, and the busy time of a step
+    r50["infer"]["device_busy"] = {lib: {"busy_share": share, "busy_s_per_step": s, "reps": 3} for lib, share, s in
+                                   (("fpnlib", 0.9, 0.0131), (EAGER_ARM, 0.64, 0.0135), ("torchvision", 0.7, 0.05))}
+    r50["infer"].update(fpnlib_device_s_per_step=0.0135, fpnlib_device_over_backbone_fpn=1.5)
+    (tmp_path / "bench" / "cuda-x.json").write_text(json.dumps(rec))
+    lines = render_bench_block(tmp_path).splitlines()
+    assert ("- r50_fpn_gpu, infer: fpnlib 90% (13.1 ms a step), fpnlib without CUDA graphs 64% (13.5 ms a step), "
+            "torchvision 70% (50.0 ms a step)") in lines
+    assert ("- r50_fpn_gpu: fpnlib's device work alone is 1.50x backbone + FPN alone, the detector / body ratio if "
+            "its host cost nothing") in lines
 
 
 def test_bench_block_gives_the_graphs_beside_the_same_model_without_where_recorded(tmp_path):
