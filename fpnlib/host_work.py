@@ -178,9 +178,22 @@ def busy_share(intervals) -> float:
     return busy_time(intervals) / span if span > 0 else 0.0
 
 
+def _events(prof, device_type) -> list:
+    """The profiled events on ``device_type`` (kernels, copies and sets on a GPU)."""
+    return [e for e in prof.profiler.kineto_results.events() if e.device_type() == device_type]
+
+
 def _intervals(prof, device_type) -> list[tuple[int, int]]:
-    """(start, end) in ns of the profiled events on ``device_type`` (kernels, copies and sets on a GPU)."""
-    return [(e.start_ns(), e.end_ns()) for e in prof.profiler.kineto_results.events() if e.device_type() == device_type]
+    """(start, end) in ns of the profiled events on ``device_type``."""
+    return [(e.start_ns(), e.end_ns()) for e in _events(prof, device_type)]
+
+
+def longest_by_name(events, reps: int, top: int = 10) -> dict[str, float]:
+    """The ``top`` names (cut to 90 characters) whose ``events`` last longest in all, in ms per step."""
+    total: Counter[str] = Counter()
+    for e in events:
+        total[e.name()[:90]] += e.end_ns() - e.start_ns()
+    return {name: round(ns / reps / 1e6, 3) for name, ns in total.most_common(top)}
 
 
 def device_busy(step: Callable[[], object], device: torch.device | str, reps: int = 3, warmup: int = 1) -> dict | None:
@@ -189,8 +202,9 @@ def device_busy(step: Callable[[], object], device: torch.device | str, reps: in
     the step; well below 1 it waits for the host (Python, dispatch, reads in the middle of a step),
     and host work is where time can be saved. None on a CPU, whose work is all on the host.
 
-    Returns ``{"busy_share": x, "busy_s_per_step": t, "reps": n}``: ``t``, the GPU's busy time
-    per step, is what a step would take if its host cost nothing (its device-work floor). The
+    Returns ``{"busy_share": x, "busy_s_per_step": t, "reps": n, "longest_kernels_ms_per_step":
+    {...}}``: ``t``, the GPU's busy time per step, is what a step would take if its host cost
+    nothing (its device-work floor); the kernels that take it, the longest ten by name. The
     profiler's own cost on the host can only lower the share, not the busy time."""
     if torch.device(device).type != "cuda":
         return None
@@ -204,8 +218,10 @@ def device_busy(step: Callable[[], object], device: torch.device | str, reps: in
         for _ in range(reps):
             step()
         torch.cuda.synchronize()
-    intervals = _intervals(prof, DeviceType.CUDA)
+    events = _events(prof, DeviceType.CUDA)
+    intervals = [(e.start_ns(), e.end_ns()) for e in events]
     if not intervals:  # the profiler saw no GPU activity (no CUPTI): nothing measured
         return {"busy_share": None, "reps": reps, "note": "the profiler recorded no GPU activity"}
     return {"busy_share": round(busy_share(intervals), 4),
-            "busy_s_per_step": round(busy_time(intervals) / reps / 1e9, 6), "reps": reps}
+            "busy_s_per_step": round(busy_time(intervals) / reps / 1e9, 6), "reps": reps,
+            "longest_kernels_ms_per_step": longest_by_name(events, reps)}

@@ -446,6 +446,7 @@ def test_the_gpus_busy_share_is_measured_and_falls_when_the_host_makes_it_wait()
     assert 0.9 < busy["busy_share"] <= 1.0 and 0.0 < waiting["busy_share"] < 0.5, (busy, waiting)
     # the busy time of a step: twenty products' kernels, a few tiny ones'
     assert busy["busy_s_per_step"] > 10 * waiting["busy_s_per_step"] > 0, (busy, waiting)
+    assert sum(busy["longest_kernels_ms_per_step"].values()) > 0.9e3 * busy["busy_s_per_step"], busy  # the products
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
