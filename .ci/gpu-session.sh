@@ -33,6 +33,6 @@ step() {  # step SECONDS LOGFILE COMMAND...: one step under its own limit, its l
 step 100 tests-changed.txt python3 -m pytest -p no:cacheprovider -s tests/test_cuda.py \
   -k "graph or nms or overlap or borderline or roialign or fused or busy"
 FPNLIB_CUDA_GRAPHS=1 FPNLIB_NMS_BITS=1 step 220 bench-graphs.txt python3 -m fpnlib bench --out "$out/graphs"
-FPNLIB_CUDA_GRAPHS=1 FPNLIB_NMS_BITS=0 step 90 bench-no-bits.txt \
+FPNLIB_CUDA_GRAPHS=1 FPNLIB_NMS_BITS=0 step 80 bench-no-bits.txt \
   python3 -m fpnlib bench --configs r50_fpn_gpu --no-memory --no-runtime --out "$out/no-bits"
-step 100 tests-all.txt python3 -m pytest -p no:cacheprovider tests/test_cuda.py
+step 130 tests-all.txt python3 -m pytest -p no:cacheprovider tests/test_cuda.py
