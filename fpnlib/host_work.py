@@ -183,9 +183,9 @@ def _events(prof, device_type) -> list:
     return [e for e in prof.profiler.kineto_results.events() if e.device_type() == device_type]
 
 
-def _intervals(prof, device_type) -> list[tuple[int, int]]:
-    """(start, end) in ns of the profiled events on ``device_type``."""
-    return [(e.start_ns(), e.end_ns()) for e in _events(prof, device_type)]
+def _intervals(events) -> list[tuple[int, int]]:
+    """(start, end) in ns of profiled ``events``."""
+    return [(e.start_ns(), e.end_ns()) for e in events]
 
 
 def longest_by_name(events, reps: int, top: int = 10) -> dict[str, float]:
@@ -219,7 +219,7 @@ def device_busy(step: Callable[[], object], device: torch.device | str, reps: in
             step()
         torch.cuda.synchronize()
     events = _events(prof, DeviceType.CUDA)
-    intervals = [(e.start_ns(), e.end_ns()) for e in events]
+    intervals = _intervals(events)
     if not intervals:  # the profiler saw no GPU activity (no CUPTI): nothing measured
         return {"busy_share": None, "reps": reps, "note": "the profiler recorded no GPU activity"}
     return {"busy_share": round(busy_share(intervals), 4),

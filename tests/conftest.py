@@ -36,6 +36,26 @@ def smoke_root(tmp_path_factory):
 
 
 @pytest.fixture
+def h100_ptx():
+    """``ptx(kernel, signature, constants)``: Triton compiles ``kernel`` for sm_90 (an H100) here,
+    no GPU needed, as it is launched (no FMA contraction but the ones asked for), and returns its
+    PTX; ``signature`` names each argument's type, ``constants`` the constexpr values. A kernel
+    that would not compile on the GPU fails here. Skips where Triton is not installed."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    def ptx(kernel, signature: dict, constants: dict) -> str:
+        sig = dict(signature, **dict.fromkeys(constants, "constexpr"))
+        source = ASTSource(fn=kernel, signature=sig, constexprs={(list(sig).index(k),): v for k, v in constants.items()})
+        out = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
+        assert out.asm["cubin"]
+        return out.asm["ptx"]
+
+    return ptx
+
+
+@pytest.fixture
 def in_triton_interpreter():
     """``run(script)``: runs ``script`` in a fresh Python where Triton executes its kernels on
     the CPU (``TRITON_INTERPRET=1``, read when Triton is imported), the tests folder importable,

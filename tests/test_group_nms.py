@@ -264,34 +264,22 @@ def test_torchvisions_coordinate_trick_decides_some_borderline_pairs_otherwise()
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_the_nms_kernels_compile_for_an_h100_with_the_kernels_arithmetic(packed):
+def test_the_nms_kernels_compile_for_an_h100_with_the_kernels_arithmetic(packed, h100_ptx):
     """No GPU is needed to compile: Triton builds the overlap kernel (float16 or packed output,
     with and without the CUDA kernel's fused multiply-add) and the packed round kernel for sm_90
     (an H100) here, so CI catches a kernel that would not compile on the GPU. The PTX holds the
     one fused multiply-add asked for (``FUSED``) and no other, and a correctly rounded division."""
     import re
 
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from fpnlib.modeling import group_nms
 
     overlaps_kernel, round_kernel = group_nms._triton_kernels()
-
-    def ptx(fn, sig, constants):
-        sig = dict(sig, **dict.fromkeys(constants, "constexpr"))
-        source = ASTSource(fn=fn, signature=sig, constexprs={(list(sig).index(k),): v for k, v in constants.items()})
-        out = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
-        assert out.asm["cubin"]
-        return out.asm["ptx"]
-
     sig = {"boxes": "*fp32", "valid": "*u8", "ends": "*i32", "out": "*i32" if packed else "*fp16", "n": "i32",
            "words": "i32", "thresh": "fp32"}
     for fused in (False, True):
-        code = ptx(overlaps_kernel, sig, {"FUSED": fused, "PACKED": packed, "BLOCK": 64})
+        code = h100_ptx(overlaps_kernel, sig, {"FUSED": fused, "PACKED": packed, "BLOCK": 64})
         assert len(re.findall(r"\bfma\.rn\.f32", code)) == (len(re.findall(r"\bdiv\.rn\.f32", code)) if fused else 0)
         assert re.search(r"\bdiv\.rn\.f32", code) and not re.search(r"\bdiv\.(approx|full)\.f32", code)
     if packed:
-        ptx(round_kernel, {"bits": "*i32", "keep": "*u8", "valid": "*u8", "ends": "*i32", "out": "*u8", "n": "i32",
-                           "words": "i32"}, {"ROWS": 32, "WORDS": 8})
+        h100_ptx(round_kernel, {"bits": "*i32", "keep": "*u8", "valid": "*u8", "ends": "*i32", "out": "*u8",
+                                "n": "i32", "words": "i32"}, {"ROWS": 32, "WORDS": 8})

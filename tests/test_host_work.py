@@ -119,7 +119,7 @@ def test_the_profilers_intervals_are_read_and_a_cpu_has_no_device_share():
     x = torch.randn(64, 64)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         (x @ x).relu().sum()
-    spans = _intervals(prof, DeviceType.CPU)  # the same reading a GPU's kernels get, on the CPU's operators
+    spans = _intervals(_events(prof, DeviceType.CPU))  # the same reading a GPU's kernels get, on the CPU's operators
     assert spans and all(end >= start > 0 for start, end in spans)
     longest = longest_by_name(_events(prof, DeviceType.CPU), reps=1, top=2)
     assert len(longest) == 2 and "aten::matmul" in longest and all(ms > 0 for ms in longest.values()), longest

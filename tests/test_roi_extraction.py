@@ -110,17 +110,13 @@ def test_a_cpu_keeps_torchvisions_roialign():
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_one_kernel_for_all_levels_compiles_for_an_h100_without_fused_multiply_adds(dtype):
+def test_one_kernel_for_all_levels_compiles_for_an_h100_without_fused_multiply_adds(dtype, h100_ptx):
     """No GPU is needed to compile: Triton builds the kernel, forward and backward, for sm_90 (an
     H100) here, so CI catches a kernel that would not compile on the GPU. Its PTX has no fused
     multiply-add (the float32 order of operations is torchvision's) and divides with correct
     rounding; the forward rounds bf16 results to nearest even, the backward adds into float32
     atomically."""
     import re
-
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from fpnlib.modeling.pyramid_roi_align_kernel import pyramid_roi_align_kernel
 
@@ -130,12 +126,7 @@ def test_one_kernel_for_all_levels_compiles_for_an_h100_without_fused_multiply_a
             sig.update({f"m{i}": f"*{maps}", f"h{i}": "i32", f"w{i}": "i32", f"n{i}": "i64", f"c{i}": "i32",
                         f"y{i}": "i32", f"x{i}": "i32", f"sc{i}": "fp32"})
         constants = {"SIZE": 7, "RATIO": 2, "ALIGNED": False, "BLOCK_C": 256, "BACKWARD": backward}
-        sig.update(dict.fromkeys(constants, "constexpr"))
-        source = ASTSource(fn=pyramid_roi_align_kernel, signature=sig,
-                           constexprs={(list(sig).index(k),): v for k, v in constants.items()})
-        out = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
-        assert out.asm["cubin"]
-        return out.asm["ptx"]
+        return h100_ptx(pyramid_roi_align_kernel, sig, constants)
 
     forward = compiled(False, dtype)
     backward = compiled(True, "fp32")  # into float32 gradients of the maps
