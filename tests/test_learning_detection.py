@@ -92,4 +92,7 @@ def test_shared_features_learn_and_tables_3_and_5_render(smoke_root, runs):
     assert "FPN Faster R-CNN beats the C4/conv5 baseline" in md
     md5 = (runs / "out" / "table5.md").read_text()
     assert "/ 34.3 |" in md5 and "/ 33.9 |" in md5 and "Test time: sharing" in md5
+    # both test times from one side-by-side measurement, not Table 3(c)'s time taken beside another row
+    assert rec5["inference_timing"]["images"] == 16 and "side by side in one process" in md5  # smoke val: 16
+    assert all(r["inference_s_per_image"] > 0 for r in rec5["rows"].values())
 

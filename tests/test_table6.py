@@ -61,6 +61,9 @@ def test_pipeline_end_to_end(smoke_root, tmp_path):
     assert "| InstanceFCN (paper only) |" in md and "– / –" in md
     assert "| (dual MLP [5x5, 7x7]) dual | no |" in md and " / 45.7 |" in md and " / 43.4 |" in md
     assert "the dual MLP beats a single 5x5 MLP" in md
+    # the time column from one side-by-side measurement of both rows (the smoke val set: 16 images)
+    assert on_disk["inference_timing"]["images"] == 16 and on_disk["inference_timing"]["rounds"] == 3
+    assert "Our times per image: side by side in one process" in md
     # a second call reuses the finished row (unchanged checkpoint) instead of training or evaluating again
     again = table6.run_row("dual", "smoke", smoke_root, tmp_path / "runs" / "dual", iterations=2, progress=False)
     assert again["reused_from"] == "row.json" and again["metrics"] == rec["rows"]["dual"]["metrics"]

@@ -1,6 +1,6 @@
 """What every table shares (``fpnlib.experiments.tables``): rows reused while their checkpoint is
 unchanged, rows trained several at a time with the same numbers, a row that diverged trained
-again at half its rate."""
+again at half its rate, test times that a claim compares measured side by side."""
 from __future__ import annotations
 
 import json
@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from fpnlib.engine.train import TrainingDiverged
-from fpnlib.experiments.tables import (LR_HALVINGS, RowJob, halving_lr_on_divergence, how_obtained, lowered_lr,
-                                       render_table, reuse_evaluated, run_rows, share_cores)
+from fpnlib.experiments.tables import (LR_HALVINGS, RowJob, halving_lr_on_divergence, how_obtained,
+                                       inference_side_by_side, lowered_lr, render_table, reuse_evaluated, run_rows,
+                                       share_cores, timing_setting)
 
 CALLS: list[str] = []
 
@@ -231,3 +232,30 @@ def test_row_workers_stop_when_their_parent_is_killed(tmp_path):
         for p in tmp_path.glob("*.pid"):
             if p.read_text() and _alive(int(p.read_text())):
                 os.kill(int(p.read_text()), signal.SIGKILL)
+
+
+def test_inference_side_by_side_takes_turns_and_keeps_each_models_median(monkeypatch):
+    """A clock that only the stand-in inference moves: each model costs its seconds per image,
+    plus a slow round for "b" (the median drops it), so the kept numbers are exact."""
+    import fpnlib.experiments.tables as tables
+
+    clock, calls = [0.0], []
+    cost = {"a": 0.25, "b": 0.5}
+
+    def infer(model, subset):
+        calls.append((model, len(subset)))
+        slow = 10.0 if model == "b" and sum(1 for m, n in calls if m == "b" and n > 1) == 2 else 1.0
+        clock[0] += cost[model] * len(subset) * slow
+
+    monkeypatch.setattr(tables.time, "perf_counter", lambda: clock[0])
+    out = inference_side_by_side({"a": "a", "b": "b"}, list(range(50)), images=8, rounds=3, infer=infer)
+    assert calls[0] == ("a", 1)  # the warm-up, on one image
+    assert [m for m, n in calls[1:]] == ["a", "b", "b", "a", "a", "b"]  # the order turns each round
+    assert all(n == 8 for _, n in calls[1:])
+    assert out["s_per_image"] == {"a": 0.25, "b": 0.5} and out["images"] == 8 and out["rounds"] == 3
+    assert out["torch_threads"] == torch.get_num_threads()
+    assert "8 val images, median of 3 rounds" in timing_setting({"inference_timing": out})
+    assert timing_setting({}) == ""
+    assert inference_side_by_side({"a": "a"}, list(range(3)), images=8, rounds=1, infer=infer)["images"] == 3
+    with pytest.raises(ValueError, match="rounds"):
+        inference_side_by_side({"a": "a"}, list(range(3)), rounds=0, infer=infer)

@@ -20,9 +20,10 @@ from fpnlib.config import get_preset
 from fpnlib.data.coco import load_coco_split
 from fpnlib.data.transforms import boxes_to_original, build_transforms, collate_fn
 from fpnlib.engine.evaluate import segment_proposal_recall
-from fpnlib.engine.train import Schedule, _to, derive_seed, train
+from fpnlib.engine.train import Schedule, _to, derive_seed, load_checkpoint, train
 from fpnlib.experiments.tables import (Claim, RowJob, check_claims, final_losses, halving_lr_on_divergence,
-                                       render_table, reuse_evaluated, row_schedule, run_rows)
+                                       inference_side_by_side, render_table, retimed, reuse_evaluated, row_schedule,
+                                       run_rows, timing_setting)
 from fpnlib.modeling.segment_proposals import SegmentProposalNet, build_segment_model, paste_masks
 
 # the paper's row text -> our row
@@ -71,7 +72,8 @@ DEVIATIONS = {
                 "(same values as the fully convolutional pass there); inference is fully convolutional",
     "row_lr": "cpu: the 2x-mask row trains at lr 0.01 instead of 0.02, at which it diverged (``ROW_LR``)",
     "time": "inference time per image is measured on our hardware (model, top-1000 and pasting at the "
-            "original size, batch 1), not comparable with the paper's GPU timing",
+            "original size, batch 1; all rows side by side in one process), not comparable with the paper's "
+            "GPU timing",
 }
 
 
@@ -106,6 +108,13 @@ def build_row(variant: str, preset: str, seed: int = 0) -> SegmentProposalNet:
 
 
 @torch.no_grad()
+def load_row(variant: str, preset: str, run_dir, seed: int = 0, device: str | torch.device = "cpu") -> SegmentProposalNet:
+    """Row ``variant`` with the weights of ``run_dir/last.pt`` (eval mode)."""
+    model = build_row(variant, preset, seed)
+    load_checkpoint(model, Path(run_dir) / "last.pt", device=device)
+    return model.to(device).eval()
+
+
 def predict_segments(model: SegmentProposalNet, dataset, device: str | torch.device = "cpu", batch_size: int = 1,
                      progress: bool = True, desc: str = "segments") -> tuple[dict[int, tuple[list, torch.Tensor]], float]:
     """Segment proposals for every image of ``dataset`` (eval transforms), pasted at each image's
@@ -215,7 +224,15 @@ def run_table6(preset: str, data_root, runs_dir, out_dir, seed: int = 0, device:
 
     row = RowJob(run_row, runs_dir, dict(preset=preset, data_root=data_root, seed=seed, device=device,
                                        iterations=iterations, progress=progress and jobs == 1))
-    return run_rows(record, variants, row, out_dir, render_table6, preset, seed, device, jobs=jobs)
+    record = run_rows(record, variants, row, out_dir, render_table6, preset, seed, device, jobs=jobs)
+    # The rows' own times were taken while another row trained beside them (jobs > 1): the
+    # table's time column comes from one side-by-side measurement of all rows instead.
+    min_size, max_size = _sizes(preset)
+    val_set = load_coco_split(data_root, "val", transforms=build_transforms(False, min_size, max_size), with_masks=True)
+    models = {v: load_row(v, preset, runs_dir / v, seed, device) for v in record["rows"]}
+    timing = inference_side_by_side(models, val_set, device,
+                                    infer=lambda m, images: predict_segments(m, images, device=device, progress=False))
+    return retimed(record, timing, "time_per_image_s", out_dir, render_table6)
 
 
 CLAIMS = (
@@ -243,7 +260,9 @@ def render_table6(record: dict) -> str:
     ours_time = lambda r: _num(r["time_per_image_s"], 3) if r is not None else "–"  # noqa: E731
     extra = [("image pyramid", lambda r, p: "yes" if p["image_pyramid"] else "no"),
              ("time/img (s) ours / paper", lambda r, p: f"{ours_time(r)} / {_num(p['time_s'], 2)}")]
-    return render_table(record, paper_rows(TABLE), PAPER_KEYS, {v: k for k, v in ROWS.items()}, METRICS, extra,
+    text = render_table(record, paper_rows(TABLE), PAPER_KEYS, {v: k for k, v in ROWS.items()}, METRICS, extra,
                         paper_tables()["setting"] + " " + paper_tables()[TABLE]["caption"] + ".",
                         "the embedded val set, class-agnostic mask AR at 1000 proposals by pycocotools", claims(record),
                         paper_only=tuple(PAPER_ONLY.items()))
+    setting = timing_setting(record)
+    return text + (f"\nOur times per image: {setting}." if setting else "")

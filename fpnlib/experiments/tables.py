@@ -358,3 +358,59 @@ def run_rows(record: dict, variants: Sequence[str], run_one: Callable[[str], dic
                 finished(futures[fut], fut.result())
     (Path(out_dir) / f"table{n}.md").write_text(render(record) + "\n")
     return record
+
+
+def retimed(record: dict, timing: dict, field: str, out_dir: Path, render: Callable[[dict], str]) -> dict:
+    """``record`` with each row's ``field`` set to its time from ``inference_side_by_side``
+    (``timing``) and the setting kept as ``inference_timing``; ``table<N>.json`` and ``.md``
+    written again (the provenance is ``run_rows``'s)."""
+    for variant, seconds in timing["s_per_image"].items():
+        record["rows"][variant][field] = seconds
+    record["inference_timing"] = {k: v for k, v in timing.items() if k != "s_per_image"}
+    n = record["table"]
+    (Path(out_dir) / f"table{n}.json").write_text(json.dumps(record, indent=1, default=list) + "\n")
+    (Path(out_dir) / f"table{n}.md").write_text(render(record) + "\n")
+    return record
+
+
+def inference_side_by_side(models: dict[str, object], dataset, device="cpu", images: int = 32, rounds: int = 3,
+                           infer: Callable[[object, object], object] | None = None) -> dict:
+    """Seconds per image of each model's inference on the first ``images`` of ``dataset``,
+    measured in this process, with its thread count, the models taking turns (the order turns
+    each round) and the median of ``rounds`` kept. ``infer(model, images)`` runs one model on
+    a subset (default: ``fpnlib.engine.inference.predict``).
+
+    Why: a time a table row records while it trains beside another row (``run_rows`` with
+    ``jobs > 1``, one thread each) depends on what that neighbour was doing. Times that a table
+    compares must come from one setting, and this is that setting."""
+    import statistics
+
+    import torch
+    from torch.utils.data import Subset
+
+    if infer is None:
+        from fpnlib.engine.inference import predict
+
+        def infer(model, subset):
+            return predict(model, subset, device=device, progress=False)
+    if images < 1 or rounds < 1:
+        raise ValueError(f"inference_side_by_side: images ({images}) and rounds ({rounds}) must be >= 1")
+    subset = Subset(dataset, range(min(images, len(dataset))))
+    names = list(models)
+    infer(models[names[0]], Subset(dataset, [0]))  # first-call costs (allocations, kernel choices)
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            infer(models[name], subset)
+            seconds[name].append((time.perf_counter() - t0) / len(subset))
+    return {"s_per_image": {n: round(statistics.median(s), 4) for n, s in seconds.items()},
+            "images": len(subset), "rounds": rounds, "torch_threads": torch.get_num_threads(),
+            "how": "measured side by side in one process, taking turns; median of the rounds"}
+
+
+def timing_setting(record: dict) -> str:
+    """The words for how a record's test times were taken (``inference_side_by_side``), or ""."""
+    t = record.get("inference_timing")
+    return (f"side by side in one process, {t['torch_threads']} threads, the first {t['images']} val images, "
+            f"median of {t['rounds']} rounds") if t else ""
