@@ -107,7 +107,6 @@ def build_row(variant: str, preset: str, seed: int = 0) -> SegmentProposalNet:
     return build_segment_model(**{**BUDGETS[preset].model, **ROW_MODELS[variant]})
 
 
-@torch.no_grad()
 def load_row(variant: str, preset: str, run_dir, seed: int = 0, device: str | torch.device = "cpu") -> SegmentProposalNet:
     """Row ``variant`` with the weights of ``run_dir/last.pt`` (eval mode)."""
     model = build_row(variant, preset, seed)
@@ -115,6 +114,7 @@ def load_row(variant: str, preset: str, run_dir, seed: int = 0, device: str | to
     return model.to(device).eval()
 
 
+@torch.no_grad()
 def predict_segments(model: SegmentProposalNet, dataset, device: str | torch.device = "cpu", batch_size: int = 1,
                      progress: bool = True, desc: str = "segments") -> tuple[dict[int, tuple[list, torch.Tensor]], float]:
     """Segment proposals for every image of ``dataset`` (eval transforms), pasted at each image's
