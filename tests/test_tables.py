@@ -249,9 +249,9 @@ def test_inference_side_by_side_takes_turns_and_keeps_each_models_median(monkeyp
 
     monkeypatch.setattr(tables.time, "perf_counter", lambda: clock[0])
     out = inference_side_by_side({"a": "a", "b": "b"}, list(range(50)), images=8, rounds=3, infer=infer)
-    assert calls[0] == ("a", 1)  # the warm-up, on one image
-    assert [m for m, n in calls[1:]] == ["a", "b", "b", "a", "a", "b"]  # the order turns each round
-    assert all(n == 8 for _, n in calls[1:])
+    assert calls[:2] == [("a", 1), ("b", 1)]  # each model's warm-up, on one image
+    assert [m for m, n in calls[2:]] == ["a", "b", "b", "a", "a", "b"]  # the order turns each round
+    assert all(n == 8 for _, n in calls[2:])
     assert out["s_per_image"] == {"a": 0.25, "b": 0.5} and out["images"] == 8 and out["rounds"] == 3
     assert out["torch_threads"] == torch.get_num_threads()
     assert "8 val images, median of 3 rounds" in timing_setting({"inference_timing": out})

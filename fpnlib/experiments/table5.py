@@ -7,7 +7,6 @@ that sharing costs training time and saves test time; both times are measured he
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,8 @@ from pathlib import Path
 from fpnlib.engine.four_step import share_backbone, train_shared
 from fpnlib.engine.train import Schedule, shortened
 from fpnlib.experiments import table3
-from fpnlib.experiments.tables import Claim, check_claims, inference_side_by_side, render_table, timing_setting
+from fpnlib.experiments.tables import (Claim, check_claims, inference_side_by_side, render_table, timing_setting,
+                                       write_table)
 
 ROWS = {"no": "no_share", "yes": "share"}
 PAPER_KEYS = {"no_share": "no_share", "share": "share"}
@@ -95,9 +95,7 @@ def run_table5(preset: str, data_root, table3_runs, runs_dir, out_dir, seed: int
         "budget": {"steps_3_4": [vars(rpn_s), vars(head_s)]},
         "provenance": provenance(preset, seed, time.perf_counter() - t0, device=str(device)),
     }
-    (out_dir / "table5.json").write_text(json.dumps(record, indent=1, default=list) + "\n")
-    (out_dir / "table5.md").write_text(render_table5(record) + "\n")
-    return record
+    return write_table(record, out_dir, render_table5)
 
 
 CLAIMS = (("share", "no_share", "AP", "sharing features helps a little (the paper: +0.4 AP)"),)

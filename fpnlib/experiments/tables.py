@@ -340,7 +340,7 @@ def run_rows(record: dict, variants: Sequence[str], run_one: Callable[[str], dic
         done[variant] = row
         record["rows"] = {v: done[v] for v in variants if v in done}  # the table's own order
         record["provenance"] = provenance(preset, seed, time.perf_counter() - t0, device=str(device), row_jobs=jobs)
-        (Path(out_dir) / f"table{n}.json").write_text(json.dumps(record, indent=1, default=list) + "\n")
+        write_table(record, out_dir)
 
     if jobs <= 1:
         for variant in variants:
@@ -356,7 +356,15 @@ def run_rows(record: dict, variants: Sequence[str], run_one: Callable[[str], dic
             futures = {pool.submit(run_one, v): v for v in variants}
             for fut in tqdm(as_completed(futures), total=len(futures), desc=f"Table {n} rows ({jobs} at once)"):
                 finished(futures[fut], fut.result())
-    (Path(out_dir) / f"table{n}.md").write_text(render(record) + "\n")
+    return write_table(record, out_dir, render)
+
+
+def write_table(record: dict, out_dir: Path, render: Callable[[dict], str] | None = None) -> dict:
+    """``out_dir/table<N>.json`` (N: ``record["table"]``), and ``table<N>.md`` by ``render`` if given."""
+    n = record["table"]
+    (Path(out_dir) / f"table{n}.json").write_text(json.dumps(record, indent=1, default=list) + "\n")
+    if render is not None:
+        (Path(out_dir) / f"table{n}.md").write_text(render(record) + "\n")
     return record
 
 
@@ -367,10 +375,7 @@ def retimed(record: dict, timing: dict, field: str, out_dir: Path, render: Calla
     for variant, seconds in timing["s_per_image"].items():
         record["rows"][variant][field] = seconds
     record["inference_timing"] = {k: v for k, v in timing.items() if k != "s_per_image"}
-    n = record["table"]
-    (Path(out_dir) / f"table{n}.json").write_text(json.dumps(record, indent=1, default=list) + "\n")
-    (Path(out_dir) / f"table{n}.md").write_text(render(record) + "\n")
-    return record
+    return write_table(record, out_dir, render)
 
 
 def inference_side_by_side(models: dict[str, object], dataset, device="cpu", images: int = 32, rounds: int = 3,
@@ -397,7 +402,8 @@ def inference_side_by_side(models: dict[str, object], dataset, device="cpu", ima
         raise ValueError(f"inference_side_by_side: images ({images}) and rounds ({rounds}) must be >= 1")
     subset = Subset(dataset, range(min(images, len(dataset))))
     names = list(models)
-    infer(models[names[0]], Subset(dataset, [0]))  # first-call costs (allocations, kernel choices)
+    for model in models.values():  # first-call costs (allocations, kernel choices), untimed
+        infer(model, Subset(dataset, [0]))
     seconds: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
