@@ -43,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=2, help="table rows trained at once on a CPU (1: one at a time, "
                    "with all threads; on CUDA always 1)")
 
+    p = verbs.add_parser("pretrain", help="pre-train a preset's bottom-up ResNet as a classifier of object crops "
+                         "(the stand-in for ImageNet, Sec. 5); every table row starts from it")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--out", default=None, help="results folder for pretrain.json (default: results/<preset>)")
+    p.add_argument("--runs", default=None, help="checkpoints root (default: runs/<preset>; weights in <root>/pretrain)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+
     p = verbs.add_parser("table", help="regenerate one of the paper's tables beside the paper's numbers")
     p.add_argument("number", type=int, choices=list(TABLES), help="table number (Table 4 trains nothing: the paper's ranking + our best detector)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -94,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------- train / eval of one table row
 
-TRAINABLE = (1, 3, 6)  # tables whose rows train on their own; 2 and 5 build on earlier tables' runs
+TRAINABLE = (1, 6)  # tables whose rows train on their own; 2, 3 and 5 build on earlier tables' runs
 
 
 def text_rows() -> str:
@@ -112,6 +120,7 @@ def _resolve_row(number: int, row: str, preset: str) -> str:
     clear error otherwise."""
     if number not in TRAINABLE:
         why = {2: "Table 2 trains Fast R-CNN on the proposals of Table 1's FPN RPN",
+               3: "Table 3 is built from Table 1's RPNs and Fast R-CNNs trained on their proposals",
                5: "Table 5 builds on Table 3's FPN detector",
                4: "Table 4 trains nothing (the paper's ranking + our best detector)"}[number]
         raise _RowError(f"{why}; run the whole table instead: python -m fpnlib table {number} --preset {preset}")
@@ -140,9 +149,11 @@ def _row_schedule(number: int, variant: str, preset: str, iterations: int | None
 
 
 def _train_row(number: int, variant: str, preset: str, data_root, run_dir, seed: int, device: str,
-               iterations: int | None, progress: bool) -> dict:
-    """The training half of the table's ``run_row``: its model (``build_row``), its train split,
-    its schedule. The evaluation half is ``eval`` (which calls ``run_row`` itself)."""
+               iterations: int | None, progress: bool, pretrained) -> dict:
+    """The training half of the table's ``run_row``: its model (``build_row``, started from the
+    ``pretrained`` weights), its train split, its schedule. The evaluation half is ``eval`` (which
+    calls ``run_row`` itself)."""
+    from fpnlib.experiments.pretrain import initialised, start_from
     from fpnlib.config import get_preset
     from fpnlib.data.coco import load_coco_split
     from fpnlib.data.transforms import build_transforms
@@ -151,14 +162,11 @@ def _train_row(number: int, variant: str, preset: str, data_root, run_dir, seed:
     module = _table_module(number)
     data = get_preset(preset).data
     sizes = (data.image_size, data.max_size) if data else (800, 1333)
-    if number == 3:
-        train_set, _ = module.splits(preset, data_root)
-        model = module.build_row(variant, preset, train_set.num_classes, seed)
-    else:
-        train_set = load_coco_split(data_root, "train", transforms=build_transforms(True, *sizes), with_masks=number == 6)
-        model = module.build_row(variant, preset, seed)
+    train_set = load_coco_split(data_root, "train", transforms=build_transforms(True, *sizes), with_masks=number == 6)
+    model = initialised(module.build_row(variant, preset, seed), pretrained)
     return train(model, train_set, _row_schedule(number, variant, preset, iterations, run_dir), run_dir, seed=seed,
-                 device=device, progress=progress, description=f"Table {number} {variant}")
+                 device=device, progress=progress, description=f"Table {number} {variant}",
+                 start_from=start_from(pretrained))
 
 
 def _checkpointed_iterations(number: int, variant: str, preset: str, state: dict, run_dir) -> int | None:
@@ -171,6 +179,15 @@ def _checkpointed_iterations(number: int, variant: str, preset: str, state: dict
             return k
     raise _RowError(f"the checkpoint's schedule is not preset {preset!r}'s budget for this row; "
                     f"retrain it with python -m fpnlib train")
+
+
+def _pretrained(args, root, seed: int):
+    """The pre-trained weights a row of ``args.preset`` starts from (pre-trained first if missing)."""
+    from fpnlib.experiments.pretrain import pretrained_weights
+    from fpnlib.provenance import REPO_ROOT
+
+    return pretrained_weights(args.preset, root, Path(args.runs or REPO_ROOT / "runs" / args.preset), seed=seed,
+                              device=args.device)
 
 
 def _train_or_eval(args, parser) -> None:
@@ -194,7 +211,7 @@ def _train_or_eval(args, parser) -> None:
             root = ensure_dataset(args.preset, root=args.data, progress=False)
         seed = 0 if args.seed is None else args.seed
         run = _train_row(args.table, variant, args.preset, root, run_dir, seed, args.device, args.iterations,
-                         progress=distributed.is_main())
+                         progress=distributed.is_main(), pretrained=_pretrained(args, root, seed))
         if distributed.is_main():
             print(json.dumps({"table": args.table, "row": variant, "run_dir": str(run_dir),
                               "processes": distributed.world_size(), **{k: v for k, v in run.items()
@@ -223,7 +240,8 @@ def _train_or_eval(args, parser) -> None:
     root = ensure_dataset(args.preset, root=args.data, progress=False)
     seed = state["seed"] if args.seed is None else args.seed
     result = _table_module(args.table).run_row(variant, args.preset, root, run_dir, seed=seed, device=args.device,
-                                               iterations=iterations, progress=False)
+                                               iterations=iterations, progress=False,
+                                               pretrained=_pretrained(args, root, seed))
     print(json.dumps(result, indent=1, default=list))
 
 
@@ -251,6 +269,17 @@ def main(argv: list[str] | None = None) -> int:
 
         times = reproduce(args.preset, workers=args.workers, tables=args.tables, jobs=args.jobs)
         print(json.dumps({k: round(v, 1) for k, v in times.items()}, indent=1))
+    elif args.verb == "pretrain":
+        from fpnlib.data.prepare import ensure_dataset
+        from fpnlib.experiments.pretrain import pretrained_weights
+        from fpnlib.provenance import REPO_ROOT
+        from fpnlib.report import RESULTS_DIR
+
+        out = Path(args.out or RESULTS_DIR / args.preset)
+        path = pretrained_weights(args.preset, ensure_dataset(args.preset), Path(args.runs or REPO_ROOT / "runs" / args.preset),
+                                  seed=args.seed, device=args.device, out_dir=out)
+        print(json.dumps(json.loads((out / "pretrain.json").read_text())["held_out"], indent=1))
+        print(f"weights: {path}")
     elif args.verb == "table":
         from fpnlib.data.prepare import ensure_dataset
         from fpnlib.experiments import run_table

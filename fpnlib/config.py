@@ -44,7 +44,8 @@ PRESETS: dict[str, Preset] = {
     "cpu": Preset("cpu", DataConfig(num_train=800, num_val=160, image_size=224, max_size=299)),
     "gpu": Preset("gpu", DataConfig(num_train=4000, num_val=500, image_size=640, max_size=854, max_objects=14)),
     # The paper trains on COCO trainval35k with shorter side 800 (Sec. 5.1); no generation.
-    "paper": Preset("paper", None, coco_root="data/coco"),
+    # ... and starts from an ImageNet ResNet-50 (torchvision's state dict file, put there by the user)
+    "paper": Preset("paper", None, coco_root="data/coco", extra={"imagenet_checkpoint": "data/resnet50-imagenet.pth"}),
 }
 
 
@@ -53,10 +54,12 @@ def describe_preset(name: str) -> dict:
     (each table keeps its budgets beside its rows, as dataclasses keyed by preset name)."""
     from dataclasses import asdict
 
-    from fpnlib.experiments import table1, table2, table3, table5, table6
+    from fpnlib.experiments import pretrain, table1, table2, table3, table5, table6
 
     preset = get_preset(name)
     out = {"name": name, "data": asdict(preset.data) if preset.data else {"coco_root": preset.coco_root}}
+    out["pretrain"] = (asdict(pretrain.budget_for(name)) if name in pretrain.BUDGETS
+                       else {"imagenet_checkpoint": preset.extra.get("imagenet_checkpoint")})
     for n, module in ((1, table1), (2, table2), (3, table3), (6, table6)):
         budget = module.BUDGETS[name]
         out[f"table{n}"] = {"model": budget.model, "schedule": asdict(budget.schedule),

@@ -153,7 +153,8 @@ def plot_table_bars(record: dict, paper: dict[str, dict], paper_keys: dict[str, 
     return fig
 
 
-VERDICT_COLOURS = {"reproduced": "#2ca02c", "NOT reproduced": "#d62728", "inconclusive": "#999999"}
+VERDICT_COLOURS = {"reproduced": "#2ca02c", "NOT reproduced": "#d62728", "inconclusive": "#999999",
+                   "seed-dependent": "#ff7f0e"}
 
 
 def plot_claims(claims: Mapping[int, Sequence | None]) -> Figure:
@@ -174,7 +175,7 @@ def plot_claims(claims: Mapping[int, Sequence | None]) -> Figure:
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(y, [f"T{n}: {c.rows[0]} vs {c.rows[1]} ({c.metric})" for n, c in items], fontsize=7)
     ax.set_xlabel("difference (points): first row minus second", fontsize=8)
-    ax.set_title("the paper's claims: our difference (green reproduced, red not, grey inconclusive) vs the paper's",
+    ax.set_title("the paper's claims: our difference (green reproduced, red not, orange seed-dependent, grey inconclusive) vs the paper's",
                  fontsize=8)
     ax.legend(fontsize=7, loc="lower right")
     return fig

@@ -281,6 +281,7 @@ def train(
     amp: bool = True,
     on_iteration: Callable[[int, dict], None] | None = None,
     description: str = "train",
+    start_from: str = "random",
 ) -> dict:
     """Train ``model`` on ``dataset`` for ``schedule.iterations`` iterations.
 
@@ -288,6 +289,9 @@ def train(
     ``out_dir/log.jsonl``. With ``resume`` (default) an existing ``last.pt`` is continued.
     ``amp`` enables bf16 autocast on CUDA (ignored on CPU, where runs stay bit-reproducible).
     ``on_iteration(it, losses)`` is called after each completed step (in every process).
+    ``start_from`` names the weights the model was initialised with (e.g. the sha256 of a
+    pre-trained backbone); it is kept in the checkpoint, and a checkpoint started from other
+    weights is not resumed.
 
     Under ``torchrun`` (an initialised process group of size > 1, see
     :func:`fpnlib.engine.distributed.init_from_env`) the run is data-parallel:
@@ -327,6 +331,9 @@ def train(
         if state["seed"] != seed or state["schedule"] != asdict(schedule):
             raise ValueError(f"{ckpt_path}: checkpoint was made with another seed or schedule "
                              f"({state['seed']}, {state['schedule']}); use another out_dir or resume=False")
+        if state.get("start_from", "random") != start_from:
+            raise ValueError(f"{ckpt_path}: checkpoint was started from other weights ({state.get('start_from', 'random')}"
+                             f", not {start_from}); use another out_dir or resume=False")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, earlier_time = state["iteration"], state.get("train_time_s", 0.0)
@@ -352,7 +359,7 @@ def train(
         if not main:
             return
         _save(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "iteration": iteration, "schedule": asdict(schedule), "seed": seed,
+                          "iteration": iteration, "schedule": asdict(schedule), "seed": seed, "start_from": start_from,
                           "train_time_s": earlier_time + time.perf_counter() - t_start, "commits": commits})
         saved = iteration
 

@@ -1,10 +1,11 @@
 """The paper's experiments, one module per table: rows as configurations, results with provenance.
 
 ``run_table(n, …)`` runs table ``n`` with the folder conventions the CLI, ``reproduce`` and the
-notebooks share: checkpoints in ``runs_root/table<n>/<row>``, results in ``out_dir/table<n>.json|md``.
-Tables 2 and 5 build on earlier runs (2 on Table 1's FPN RPN, 5 on Table 3's FPN detector), found
-in the same ``runs_root`` (and trained there first if missing); Table 4 reads ``out_dir``'s
-Tables 3 and 5 for our best detector.
+notebooks share: the pre-trained bottom-up weights in ``runs_root/pretrain`` (``pretrain``),
+checkpoints in ``runs_root/table<n>/<row>``, results in ``out_dir/table<n>.json|md``. Tables 2, 3
+and 5 build on earlier runs (2 on Table 1's FPN RPN; 3 on Table 1's RPNs and Table 2(c); 5 on
+Table 3(c)), found in the same ``runs_root`` (and trained there first if missing); Table 4 reads
+``out_dir``'s Tables 3 and 5 for our best detector.
 """
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ def run_table(number: int, preset: str, data_root, runs_root, out_dir, seed: int
     ``jobs``: rows trained at once on a CPU (``tables.run_rows``); Tables 4 and 5 have one run each."""
     runs_root = Path(runs_root)
     common = dict(seed=seed, device=device, progress=progress, iterations=iterations)
+    if number != 4:  # every network starts from the pre-trained bottom-up ResNet (Sec. 5)
+        from .pretrain import pretrained_weights
+
+        common["pretrained"] = pretrained_weights(preset, data_root, runs_root, out_dir=out_dir, **common)
     rows = dict(common, jobs=jobs)
     if number == 1:
         from .table1 import run_table1

@@ -25,6 +25,7 @@ from fpnlib.data.coco import load_coco_split
 from fpnlib.data.transforms import build_transforms
 from fpnlib.engine.inference import evaluate_proposals
 from fpnlib.engine.train import Schedule, derive_seed, train
+from fpnlib.experiments.pretrain import initialisation, initialised, start_from
 from fpnlib.experiments.tables import (Claim, RowJob, check_claims, final_losses, halving_lr_on_divergence,
                                        render_table, reuse_evaluated, row_schedule, run_rows)
 from fpnlib.modeling.anchors import count_anchors
@@ -117,8 +118,10 @@ def load_row(variant: str, preset: str, run_dir, seed: int = 0, device: str = "c
 @reuse_evaluated
 @halving_lr_on_divergence(schedule_for)
 def run_row(variant: str, preset: str, data_root, out_dir, seed: int = 0, device: str = "cpu",
-            iterations: int | None = None, progress: bool = True, workers: int = 0, lr: float | None = None) -> dict:
+            iterations: int | None = None, progress: bool = True, workers: int = 0, lr: float | None = None,
+            pretrained=None) -> dict:
     """Train row ``variant`` (or load its finished checkpoint) and evaluate its proposals on val.
+    ``pretrained``: the bottom-up weights it starts from (``pretrain.pretrained_weights``; None: random).
 
     Returns Table 1's metrics (AR100, AR1k, AR1k_s/m/l in percent), the anchor count of an
     800x1000 image (the paper's "# anchors" column) and timing.
@@ -130,9 +133,9 @@ def run_row(variant: str, preset: str, data_root, out_dir, seed: int = 0, device
                                 with_masks=False)
     val_set = load_coco_split(data_root, "val", transforms=build_transforms(False, min_size, max_size),
                               with_masks=False)
-    model = build_row(variant, preset, seed)
+    model = initialised(build_row(variant, preset, seed), pretrained)
     run = train(model, train_set, schedule, Path(out_dir), seed=seed, device=device, progress=progress,
-                workers=workers, description=f"Table 1 {variant}")
+                workers=workers, description=f"Table 1 {variant}", start_from=start_from(pretrained))
     t1 = time.perf_counter()
     metrics = evaluate_proposals(model, val_set, device=device, progress=progress, workers=workers)
     return {
@@ -144,7 +147,7 @@ def run_row(variant: str, preset: str, data_root, out_dir, seed: int = 0, device
         "train_time_s": round(run["train_time_s"], 1),  # all sessions, also when loaded from a checkpoint
         "final_losses": final_losses(Path(out_dir) / "log.jsonl"),
         "trained_from_iteration": run["resumed_from"], "train_commits": run["commits"],
-        "eval_time_s": round(time.perf_counter() - t1, 1),
+        "eval_time_s": round(time.perf_counter() - t1, 1), "initialisation": initialisation(pretrained),
     }
 
 
@@ -156,10 +159,11 @@ METRICS = ("AR100", "AR1k", "AR1k_s", "AR1k_m", "AR1k_l")
 
 def run_table1(preset: str, data_root, runs_dir, out_dir, seed: int = 0, device: str = "cpu",
                variants=tuple(ROWS.values()), progress: bool = True, iterations: int | None = None,
-               jobs: int = 1) -> dict:
+               jobs: int = 1, pretrained=None) -> dict:
     """Train and evaluate every row; write ``out_dir/table1.json`` (after each row, so a stopped
     run shows what it has) and ``out_dir/table1.md``. Rows whose checkpoints are complete are
-    loaded, not retrained. ``iterations`` shortens the budget (the notebook tests use it)."""
+    loaded, not retrained. ``iterations`` shortens the budget (the notebook tests use it);
+    ``pretrained``: the bottom-up weights every row starts from."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {"table": 1, "rows": {}, "deviations": {k: v for k, v in DEVIATIONS.items() if k not in BUDGETS or k == preset},
@@ -167,7 +171,7 @@ def run_table1(preset: str, data_root, runs_dir, out_dir, seed: int = 0, device:
                          "row_overrides": ROW_OVERRIDES}}
 
     row = RowJob(run_row, runs_dir, dict(preset=preset, data_root=data_root, seed=seed, device=device,
-                                       iterations=iterations, progress=progress and jobs == 1))
+                                       iterations=iterations, progress=progress and jobs == 1, pretrained=pretrained))
     return run_rows(record, variants, row, out_dir, render_table1, preset, seed, device, jobs=jobs)
 
 

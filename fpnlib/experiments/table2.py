@@ -21,6 +21,7 @@ from fpnlib.engine.evaluate import box_ap
 from fpnlib.engine.inference import predict
 from fpnlib.engine.train import Schedule, derive_seed, train
 from fpnlib.experiments import table1
+from fpnlib.experiments.pretrain import initialisation, initialised, start_from
 from fpnlib.experiments.tables import (Claim, RowJob, check_claims, halving_lr_on_divergence, render_table,
                                        reuse_evaluated, row_schedule, run_rows)
 from fpnlib.modeling.fast_rcnn import FastRCNN, FastRCNNConfig
@@ -117,9 +118,10 @@ def _sizes(preset: str) -> tuple[int, int]:
 
 
 def compute_fixed_proposals(preset: str, data_root, rpn_run_dir, out_dir, seed: int = 0, device: str = "cpu",
-                            progress: bool = True) -> dict[str, Path]:
-    """Proposals of the trained FPN RPN (Table 1c) for the train and val splits, saved to
-    ``out_dir/proposals_{split}.pt`` (reused when present). Returns the two paths."""
+                            progress: bool = True, rpn_variant: str = "fpn") -> dict[str, Path]:
+    """Proposals of a trained Table 1 RPN (row ``rpn_variant``; Table 2 uses the FPN RPN of Table 1(c))
+    for the train and val splits, saved to ``out_dir/proposals_{split}.pt`` (reused when present).
+    Returns the two paths."""
     from fpnlib.provenance import git_commit
 
     paths = {}
@@ -129,7 +131,7 @@ def compute_fixed_proposals(preset: str, data_root, rpn_run_dir, out_dir, seed: 
         paths[split] = path
         if path.exists():
             continue
-        model = table1.load_row("fpn", preset, rpn_run_dir, seed=seed, device=device)
+        model = table1.load_row(rpn_variant, preset, rpn_run_dir, seed=seed, device=device)
         model.rpn.cfg = replace(model.rpn.cfg, post_nms_top_n_test=n)
         ds = load_coco_split(data_root, split, transforms=build_transforms(False, min_size, max_size), with_masks=False)
         out = predict(model, ds, device=device, progress=progress, desc=f"proposals {split}")
@@ -163,28 +165,29 @@ def build_row(variant: str, preset: str, num_classes: int, seed: int = 0) -> Fas
 @reuse_evaluated
 @halving_lr_on_divergence(schedule_for)
 def run_row(variant: str, preset: str, data_root, proposals: dict[str, Path], out_dir, seed: int = 0,
-            device: str = "cpu", iterations: int | None = None, progress: bool = True, lr: float | None = None) -> dict:
+            device: str = "cpu", iterations: int | None = None, progress: bool = True, lr: float | None = None,
+            pretrained=None) -> dict:
     """Train row ``variant`` on the fixed proposals (or load its finished checkpoint), then its
-    box AP on val (pycocotools)."""
+    box AP on val (pycocotools). ``pretrained``: the bottom-up weights it starts from (None: random)."""
     schedule = schedule_for(variant, preset, iterations, lr)
     train_set = split_with_proposals(preset, data_root, "train", proposals["train"], train=True)
     val_set = split_with_proposals(preset, data_root, "val", proposals["val"], train=False,
                      max_proposals=light_settings(variant, preset).get("test_proposals"))
-    model = build_row(variant, preset, train_set.dataset.num_classes, seed)
+    model = initialised(build_row(variant, preset, train_set.dataset.num_classes, seed), pretrained)
     run = train(model, train_set, schedule, Path(out_dir), seed=seed, device=device, progress=progress,
-                description=f"Table 2 {variant}")
+                description=f"Table 2 {variant}", start_from=start_from(pretrained))
     t1 = time.perf_counter()
     dets = predict(model, val_set, device=device, progress=progress, desc="detections")
     metrics = box_ap(val_set.coco, dets, val_set.dataset.label_to_cat_id)
     return {"variant": variant, "metrics": metrics, "iterations": schedule.iterations, "lr": schedule.lr,
             "train_time_s": round(run["train_time_s"], 1),
             "trained_from_iteration": run["resumed_from"], "train_commits": run["commits"],
-            "eval_time_s": round(time.perf_counter() - t1, 1)}
+            "eval_time_s": round(time.perf_counter() - t1, 1), "initialisation": initialisation(pretrained)}
 
 
 def run_table2(preset: str, data_root, table1_runs, runs_dir, out_dir, seed: int = 0, device: str = "cpu",
                variants=tuple(ROWS.values()), progress: bool = True, iterations: int | None = None,
-               jobs: int = 1) -> dict:
+               jobs: int = 1, pretrained=None) -> dict:
     """Fixed proposals from Table 1(c), then every row; writes ``out_dir/table2.json`` after each
     row and ``out_dir/table2.md`` at the end."""
     out_dir, runs_dir = Path(out_dir), Path(runs_dir)
@@ -196,7 +199,7 @@ def run_table2(preset: str, data_root, table1_runs, runs_dir, out_dir, seed: int
               "budget": {"model": BUDGETS[preset].model, "schedule": vars(BUDGETS[preset].schedule)}}
 
     row = RowJob(run_row, runs_dir, dict(preset=preset, data_root=data_root, proposals=proposals, seed=seed, device=device,
-                                       iterations=iterations, progress=progress and jobs == 1))
+                                       iterations=iterations, progress=progress and jobs == 1, pretrained=pretrained))
     return run_rows(record, variants, row, out_dir, render_table2, preset, seed, device, jobs=jobs)
 
 

@@ -2,9 +2,11 @@
 
 Each row is a whole detector whose RPN and region head use the same kind of features:
 (a) RPN on C4 + conv5 head, (b) RPN on C5 + 2fc head, (c) RPN on P2..P6 + 2fc head on the P_k
-of Eq. (1). As in the paper, RPN and head do not share features (each has its own backbone;
-Table 5 shares them). They are trained jointly (``fpnlib.modeling.faster_rcnn``). The paper's
-row (*), He et al.'s published C4 number, is shown as a paper-only row.
+of Eq. (1). As in the paper, RPN and Fast R-CNN are trained separately and do not share
+features (Table 5 shares them): each row's RPN is Table 1's RPN of that feature, and its Fast
+R-CNN is trained on that RPN's fixed proposals, as Table 2 trains its rows. Row (c) is therefore
+the very model of Table 2(c), trained once: the paper reports 33.9 AP for both. The paper's row
+(*), He et al.'s published C4 number, is shown as a paper-only row.
 """
 from __future__ import annotations
 
@@ -19,12 +21,12 @@ from fpnlib.data.coco import load_coco_split
 from fpnlib.data.transforms import build_transforms
 from fpnlib.engine.evaluate import box_ap
 from fpnlib.engine.inference import predict
-from fpnlib.engine.train import Schedule, derive_seed, load_checkpoint, train
+from fpnlib.engine.train import Schedule, derive_seed, load_checkpoint
 from fpnlib.experiments import table1, table2
-from fpnlib.experiments.tables import (Claim, RowJob, check_claims, final_losses, halving_lr_on_divergence,
-                                       render_table, reuse_evaluated, row_schedule, run_rows)
+from fpnlib.experiments.tables import Claim, RowJob, check_claims, render_table, run_rows
 from fpnlib.modeling.faster_rcnn import FasterRCNN, FasterRCNNConfig
 from fpnlib.modeling.rpn import RPNConfig
+from fpnlib.provenance import shown_path
 
 ROWS = {"a": "c4_conv5", "b": "c5_2fc", "c": "fpn"}
 PAPER_KEYS = {"c4_conv5": "a_conv4", "c5_2fc": "b_conv5", "fpn": "c_fpn"}
@@ -34,36 +36,25 @@ METRICS = ("AP50", "AP", "AP_s", "AP_m", "AP_l")
 
 @dataclass(frozen=True)
 class FasterRCNNBudget:
-    """``FasterRCNNConfig`` overrides and the schedule of one preset's Table 3."""
+    """``FasterRCNNConfig`` overrides of one preset's Table 3 detector, and the schedule its Fast
+    R-CNN trains with (Table 2's; its RPN is Table 1's row, on Table 1's schedule)."""
 
     model: dict
     schedule: Schedule
 
 
-def _budget(preset: str, **head) -> dict:
-    """Table 1's model (and anchor scale) + the head; Eq. (1)'s 224 scaled like the anchors."""
-    return dict(table1.BUDGETS[preset].model, canonical_size=table2.canonical_size(preset), **head)
+def _budget(preset: str) -> FasterRCNNBudget:
+    """Table 2's Fast R-CNN (model and schedule) with Table 1's anchor scale for its RPN."""
+    fast = table2.BUDGETS[preset]
+    return FasterRCNNBudget(dict(fast.model, anchor_scale=table1.BUDGETS[preset].model["anchor_scale"]), fast.schedule)
 
 
-BUDGETS = {
-    "smoke": FasterRCNNBudget(_budget("smoke", hidden=128, batch_per_image=128),
-                              Schedule(iterations=200, batch_size=4, lr=0.02, warmup_iters=50, steps=(160,), checkpoint_every=100)),
-    "cpu": FasterRCNNBudget(_budget("cpu", hidden=512, batch_per_image=128),
-                            Schedule(iterations=200, batch_size=4, lr=0.02, warmup_iters=50, steps=(160,), checkpoint_every=100)),
-    "gpu": FasterRCNNBudget(_budget("gpu", hidden=1024, batch_per_image=512),
-                            Schedule(iterations=12000, batch_size=8, lr=0.02, warmup_iters=500, steps=(9000,), checkpoint_every=1000)),
-    # Sec. 5.2.2 trains RPN and Fast R-CNN separately with the schedules of 5.1 and 5.2.1; one
-    # joint schedule of Fast R-CNN's length stands for both here.
-    "paper": FasterRCNNBudget(_budget("paper", hidden=1024, batch_per_image=512),
-                              Schedule(iterations=80000, batch_size=16, lr=0.02, warmup_iters=500, steps=(60000,), checkpoint_every=2000)),
-}
+BUDGETS = {preset: _budget(preset) for preset in table2.BUDGETS}
 DEVIATIONS = {
-    "smoke": "slim ResNet-18 from scratch (as Table 1), 2fc of 128, 128 RoIs per image, 200 iterations",
-    "cpu": "slim ResNet-18 from scratch (as Table 1), 2fc of 512 instead of 1024, 128 RoIs per image, 200 iterations, "
-           "300 test proposals per image, 100 for the conv5 row (Table 2's ``light_settings``)",
-    "gpu": "ResNet-50 GroupNorm from scratch (as Table 1)",
-    "training": "RPN and detector trained jointly (approximate joint training, proposals as constants) instead "
-                "of one after the other; with unshared features the two losses touch disjoint weights",
+    "protocol": "as the paper: RPN and Fast R-CNN trained separately (RPN = Table 1's row of the feature, Fast "
+                "R-CNN on its fixed proposals with Table 2's budget); row (c) is Table 2(c)'s model",
+    "budget": "the Fast R-CNN of each row has Table 2's budget and deviations (network, schedule, RoIs, "
+              "test proposals)",
     "conv5_on_cpu": table2.DEVIATIONS["conv5_on_cpu"],
     "canonical_size": "Eq. (1)'s 224 is scaled with the anchors (78 at 224 px images)",
     "single_map_candidates": "rows (a), (b): the RPN keeps 12000/6000 candidates before NMS on its one map "
@@ -97,13 +88,6 @@ def splits(preset: str, data_root):
     return train_set, val_set
 
 
-def load_row(variant: str, preset: str, run_dir, num_classes: int, seed: int = 0, device: str = "cpu") -> FasterRCNN:
-    """Row ``variant`` with the weights of ``run_dir/last.pt`` (eval mode)."""
-    model = build_row(variant, preset, num_classes, seed)
-    load_checkpoint(model, Path(run_dir) / "last.pt", device=device)
-    return model.to(device).eval()
-
-
 def detection_metrics(model, val_set, device: str = "cpu", progress: bool = True) -> tuple[dict, float]:
     """Box AP on ``val_set`` (pycocotools) and the measured inference seconds per image."""
     t0 = time.perf_counter()
@@ -112,42 +96,72 @@ def detection_metrics(model, val_set, device: str = "cpu", progress: bool = True
     return box_ap(val_set.coco, dets, val_set.label_to_cat_id), per_image
 
 
-def schedule_for(variant: str, preset: str, iterations: int | None = None, lr: float | None = None) -> Schedule:
-    """The row's schedule: the preset's (cut to ``iterations`` if given; at ``lr`` if given). Every row trains
-    at the preset's rate (no ``ROW_LR``)."""
-    return row_schedule(BUDGETS[preset].schedule, {}, variant, preset, iterations, lr)
+# Each row's RPN: Table 1's row on the same feature (Sec. 5.2.2: "consistent proposals").
+RPN_OF = {"c4_conv5": "c4", "c5_2fc": "c5", "fpn": "fpn"}
 
 
-@reuse_evaluated
-@halving_lr_on_divergence(schedule_for)
+def _runs_root(out_dir) -> Path:
+    """``runs_root`` of a row's folder ``runs_root/table3/<row>`` (the tables' folder convention)."""
+    return Path(out_dir).parent.parent
+
+
+def fast_rcnn_run_dir(variant: str, out_dir) -> Path:
+    """Where row ``variant``'s Fast R-CNN is trained: row (c) is Table 2(c), ``runs_root/table2/fpn``."""
+    return _runs_root(out_dir) / "table2" / "fpn" if variant == "fpn" else Path(out_dir)
+
+
+def rpn_proposals(variant: str, preset: str, data_root, out_dir, seed: int = 0, device: str = "cpu",
+                  iterations: int | None = None, progress: bool = True, pretrained=None) -> dict[str, Path]:
+    """The fixed train/val proposals of row ``variant``'s RPN (Table 1's row ``RPN_OF[variant]``,
+    trained first if it is missing). Row (c) reads the files of Table 2."""
+    runs_root, rpn = _runs_root(out_dir), RPN_OF[variant]
+    table1.run_row(rpn, preset, data_root, runs_root / "table1" / rpn, seed=seed, device=device,
+                   iterations=iterations, progress=progress, pretrained=pretrained)
+    where = runs_root / "table2" if rpn == "fpn" else runs_root / "table3" / f"proposals_{rpn}"
+    return table2.compute_fixed_proposals(preset, data_root, runs_root / "table1" / rpn, where, seed=seed,
+                                          device=device, progress=progress, rpn_variant=rpn)
+
+
 def run_row(variant: str, preset: str, data_root, out_dir, seed: int = 0, device: str = "cpu",
-            iterations: int | None = None, progress: bool = True, lr: float | None = None) -> dict:
-    """Train row ``variant`` (or load its finished checkpoint), then its box AP on val."""
-    schedule = schedule_for(variant, preset, iterations, lr)
-    train_set, val_set = splits(preset, data_root)
-    model = build_row(variant, preset, train_set.num_classes, seed)
-    run = train(model, train_set, schedule, Path(out_dir), seed=seed, device=device, progress=progress,
-                description=f"Table 3 {variant}")
-    metrics, per_image = detection_metrics(model, val_set, device=device, progress=progress)
-    return {"variant": variant, "metrics": metrics, "iterations": schedule.iterations, "lr": schedule.lr,
-            "train_time_s": round(run["train_time_s"], 1),
-            "trained_from_iteration": run["resumed_from"], "train_commits": run["commits"],
-            "final_losses": final_losses(Path(out_dir) / "log.jsonl"),
-            "inference_s_per_image": round(per_image, 4)}
+            iterations: int | None = None, progress: bool = True, pretrained=None) -> dict:
+    """Row ``variant``: its RPN's proposals, and a Fast R-CNN trained on them with Table 2's budget
+    (or loaded from its finished checkpoint), scored on val. Row (c) is Table 2(c)'s very run.
+    ``out_dir`` is ``runs_root/table3/<row>``; Tables 1 and 2 are found beside it."""
+    proposals = rpn_proposals(variant, preset, data_root, out_dir, seed, device, iterations, progress, pretrained)
+    run_dir = fast_rcnn_run_dir(variant, out_dir)
+    row = table2.run_row(variant, preset, data_root, proposals, run_dir, seed=seed, device=device,
+                         iterations=iterations, progress=progress, pretrained=pretrained)
+    return dict(row, rpn=f"Table 1 ({next(k for k, v in table1.ROWS.items() if v == RPN_OF[variant])}) "
+                         f"{RPN_OF[variant]}", fast_rcnn_run=shown_path(run_dir))
+
+
+def load_row(variant: str, preset: str, out_dir, num_classes: int, seed: int = 0, device: str = "cpu") -> FasterRCNN:
+    """Row ``variant`` as one ``FasterRCNN`` (eval mode): the RPN network of its Table 1 row and the
+    Fast R-CNN of its run, each with its own backbone, as trained (``out_dir``: as ``run_row``)."""
+    rpn = table1.load_row(RPN_OF[variant], preset, _runs_root(out_dir) / "table1" / RPN_OF[variant], seed, device)
+    fast = table2.build_row(variant, preset, num_classes, seed)
+    load_checkpoint(fast, fast_rcnn_run_dir(variant, out_dir) / "last.pt", device=device)
+    model = build_row(variant, preset, num_classes, seed)
+    model.load_state_dict({**fast.state_dict(), **{f"rpn_network.{k}": v for k, v in rpn.state_dict().items()}})
+    return model.to(device).eval()
 
 
 def run_table3(preset: str, data_root, runs_dir, out_dir, seed: int = 0, device: str = "cpu",
                variants=tuple(ROWS.values()), progress: bool = True, iterations: int | None = None,
-               jobs: int = 1) -> dict:
-    """Every row; writes ``out_dir/table3.json`` after each row and ``out_dir/table3.md`` at the end."""
+               jobs: int = 1, pretrained=None) -> dict:
+    """Every row; writes ``out_dir/table3.json`` after each row and ``out_dir/table3.md`` at the end.
+    ``runs_dir`` is ``runs_root/table3``: the RPNs of Table 1 and row (c) of Table 2 are read (or
+    trained) in ``runs_root/table1`` and ``runs_root/table2``."""
     out_dir, runs_dir = Path(out_dir), Path(runs_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {"table": 3, "rows": {}, "deviations": {k: v for k, v in DEVIATIONS.items() if k not in BUDGETS or k == preset},
               "budget": {"model": BUDGETS[preset].model, "schedule": vars(BUDGETS[preset].schedule),
-                         "row_overrides": ROW_OVERRIDES, "light_settings": table2.light_settings("c4_conv5", preset)}}
+                         "row_overrides": ROW_OVERRIDES, "light_settings": table2.light_settings("c4_conv5", preset),
+                         "protocol": "RPN = Table 1's row of the feature; Fast R-CNN trained on its fixed proposals "
+                                     "with Table 2's budget; row (c) = Table 2(c)"}}
 
     row = RowJob(run_row, runs_dir, dict(preset=preset, data_root=data_root, seed=seed, device=device,
-                                       iterations=iterations, progress=progress and jobs == 1))
+                                       iterations=iterations, progress=progress and jobs == 1, pretrained=pretrained))
     return run_rows(record, variants, row, out_dir, render_table3, preset, seed, device, jobs=jobs)
 
 

@@ -1,8 +1,8 @@
 """Table 5 of the paper: FPN Faster R-CNN with and without feature sharing (Sec. 5.2.3).
 
-"no_share" is Table 3(c): RPN and detector with a backbone each. "share" makes them one network
-by the 4-step alternating training (``fpnlib.engine.four_step``), starting from that same
-Table 3(c) run (its joint training stands for steps 1-2). The paper reports AP50/AP and notes
+"no_share" is Table 3(c): RPN and detector with a backbone each (Table 1(c)'s RPN and Table 2(c)'s
+Fast R-CNN, trained one after the other: steps 1 and 2). "share" makes them one network by steps
+3 and 4 of the 4-step alternating training (``fpnlib.engine.four_step``). The paper reports AP50/AP and notes
 that sharing costs training time and saves test time; both times are measured here.
 """
 from __future__ import annotations
@@ -42,8 +42,7 @@ BUDGETS = {
                             Schedule(iterations=80000, batch_size=16, lr=0.02, warmup_iters=0, steps=(60000,), checkpoint_every=2000)),
 }
 DEVIATIONS = {
-    "steps_1_2": "steps 1-2 are Table 3(c)'s joint training (the detector saw the RPN's current proposals, "
-                 "not the final RPN's)",
+    "steps_1_2": "steps 1-2 are Table 3(c): Table 1(c)'s RPN, then Table 2(c)'s Fast R-CNN on its proposals",
     "steps_3_4": "steps 3-4 fine-tune at half Table 3's learning rate for a fraction of its schedule "
                  "(the paper repeats full schedules)",
 }
@@ -58,7 +57,7 @@ def paper_r50() -> dict[str, dict]:
 
 
 def run_table5(preset: str, data_root, table3_runs, runs_dir, out_dir, seed: int = 0, device: str = "cpu",
-               progress: bool = True, iterations: int | None = None) -> dict:
+               progress: bool = True, iterations: int | None = None, pretrained=None) -> dict:
     """Table 3(c) (trained here if its run is missing), then steps 3-4 on it; both evaluated with
     measured inference time. Writes ``out_dir/table5.json`` and ``table5.md``."""
     from fpnlib.provenance import provenance
@@ -67,7 +66,7 @@ def run_table5(preset: str, data_root, table3_runs, runs_dir, out_dir, seed: int
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     base = table3.run_row("fpn", preset, data_root, Path(table3_runs) / "fpn", seed=seed, device=device,
-                          iterations=iterations, progress=progress)
+                          iterations=iterations, progress=progress, pretrained=pretrained)
     train_set, val_set = table3.splits(preset, data_root)
     unshared = table3.load_row("fpn", preset, Path(table3_runs) / "fpn", train_set.num_classes, seed, device)
     shared = share_backbone(unshared)

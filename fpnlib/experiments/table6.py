@@ -21,6 +21,7 @@ from fpnlib.data.coco import load_coco_split
 from fpnlib.data.transforms import boxes_to_original, build_transforms, collate_fn
 from fpnlib.engine.evaluate import segment_proposal_recall
 from fpnlib.engine.train import Schedule, _to, derive_seed, load_checkpoint, train
+from fpnlib.experiments.pretrain import initialisation, initialised, start_from
 from fpnlib.experiments.tables import (Claim, RowJob, check_claims, final_losses, halving_lr_on_divergence,
                                        inference_side_by_side, render_table, retimed, reuse_evaluated, row_schedule,
                                        run_rows, timing_setting)
@@ -190,16 +191,17 @@ def held_out_losses(model: SegmentProposalNet, dataset, seed: int = 0, batch_siz
 @reuse_evaluated
 @halving_lr_on_divergence(schedule_for)
 def run_row(variant: str, preset: str, data_root, out_dir, seed: int = 0, device: str = "cpu",
-            iterations: int | None = None, progress: bool = True, lr: float | None = None) -> dict:
+            iterations: int | None = None, progress: bool = True, lr: float | None = None, pretrained=None) -> dict:
     """Train row ``variant`` (or resume / load its checkpoint in ``out_dir``), then its segment AR
-    on val (pycocotools) and its inference time per image."""
+    on val (pycocotools) and its inference time per image. ``pretrained``: the bottom-up weights it
+    starts from (``pretrain.pretrained_weights``; None: random)."""
     schedule = schedule_for(variant, preset, iterations, lr)
     min_size, max_size = _sizes(preset)
     train_set = load_coco_split(data_root, "train", transforms=build_transforms(True, min_size, max_size), with_masks=True)
     val_set = load_coco_split(data_root, "val", transforms=build_transforms(False, min_size, max_size), with_masks=True)
-    model = build_row(variant, preset, seed)
+    model = initialised(build_row(variant, preset, seed), pretrained)
     run = train(model, train_set, schedule, Path(out_dir), seed=seed, device=device, progress=progress,
-                description=f"Table 6 {variant}")
+                description=f"Table 6 {variant}", start_from=start_from(pretrained))
     t1 = time.perf_counter()
     metrics, seconds = evaluate_segments(model, val_set, device=device, progress=progress)
     return {"variant": variant, "metrics": metrics, "time_per_image_s": round(seconds, 4),
@@ -207,12 +209,12 @@ def run_row(variant: str, preset: str, data_root, out_dir, seed: int = 0, device
             "mlps": list(model.cfg.mlps), "train_time_s": round(run["train_time_s"], 1),
             "final_losses": final_losses(Path(out_dir) / "log.jsonl"),
             "trained_from_iteration": run["resumed_from"], "train_commits": run["commits"],
-            "eval_time_s": round(time.perf_counter() - t1, 1)}
+            "eval_time_s": round(time.perf_counter() - t1, 1), "initialisation": initialisation(pretrained)}
 
 
 def run_table6(preset: str, data_root, runs_dir, out_dir, seed: int = 0, device: str = "cpu",
                variants=tuple(ROWS.values()), progress: bool = True, iterations: int | None = None,
-               jobs: int = 1) -> dict:
+               jobs: int = 1, pretrained=None) -> dict:
     """Train and evaluate every row; write ``out_dir/table6.json`` after each row and
     ``out_dir/table6.md`` at the end. Finished rows are loaded from ``runs_dir/<row>``."""
     out_dir, runs_dir = Path(out_dir), Path(runs_dir)
@@ -223,7 +225,7 @@ def run_table6(preset: str, data_root, runs_dir, out_dir, seed: int = 0, device:
                          "row_models": ROW_MODELS, "dual_2x_train": "twice the schedule"}}
 
     row = RowJob(run_row, runs_dir, dict(preset=preset, data_root=data_root, seed=seed, device=device,
-                                       iterations=iterations, progress=progress and jobs == 1))
+                                       iterations=iterations, progress=progress and jobs == 1, pretrained=pretrained))
     record = run_rows(record, variants, row, out_dir, render_table6, preset, seed, device, jobs=jobs)
     # The rows' own times were taken while another row trained beside them (jobs > 1): the
     # table's time column comes from one side-by-side measurement of all rows instead.
