@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -18,9 +19,25 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:  # 0 or less would 'train' nothing, and eval would report the untrained model
+        raise argparse.ArgumentTypeError(f"must be a positive number of iterations, got {value}")
+    return value
+
+
+def _with_debug(parser: argparse.ArgumentParser, default) -> None:
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="on an error, show the Python traceback instead of one line")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m fpnlib",
                      description="Feature Pyramid Networks for Object Detection, reproduced step by step.")
+    _with_debug(parser, False)
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     verbs.required = True
 
@@ -29,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=None, help="output folder (default: data/<preset>)")
     p.add_argument("--workers", type=int, default=2, help="processes (the output does not depend on it)")
     p.add_argument("--seed", type=int, default=None, help="override the preset's seed")
-    p.add_argument("--force", action="store_true", help="regenerate even if the set is there")
+    p.add_argument("--force", action="store_true", help="regenerate a set fpnlib generated, even one of another "
+                   "configuration in --root (a folder it did not make is never written)")
 
     p = verbs.add_parser("stats", help="print the statistics of a COCO-format annotation file")
     p.add_argument("ann_file")
@@ -67,12 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--table", type=int, required=True, choices=list(TABLES), help=f"table number ({text_rows()})")
         p.add_argument("--row", required=True, help="row: the paper's letter (a, b, ...) or our name (fpn, c4, ...)")
         p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-        p.add_argument("--iterations", type=int, default=None,
-                       help="cut the budget to K iterations (lr steps kept at the same fractions)"
+        p.add_argument("--iterations", type=_positive_int, default=None,
+                       help="cut the budget to K > 0 iterations (lr steps kept at the same fractions)"
                             + ("" if verb == "train" else "; default: what the checkpoint was trained with"))
         p.add_argument("--runs", default=None, help="checkpoints root (default: runs/<preset>; the row trains "
                                                     "in <root>/table<N>/<row>, where 'table N' finds it)")
-        p.add_argument("--data", default=None, help="data set root (default: data/<preset>, generated if missing)")
+        p.add_argument("--data", default=None, help="data set root, read as it is (default: data/<preset>, generated "
+                                                    "if missing; a new or empty folder gets the preset's set)")
         p.add_argument("--device", default="cpu", help="cpu, cuda (under torchrun: each process's own GPU)")
         p.add_argument("--seed", type=int, default=None,
                        help="default: 0" if verb == "train" else "default: the checkpoint's")
@@ -97,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: results/bench/)")
     p.add_argument("--compile", action="store_true",
                    help="fpnlib's backbone and FPN through torch.compile (an A/B arm; compiled during warm-up)")
+    for sub in verbs.choices.values():  # --debug after the verb too; SUPPRESS keeps one given before it
+        _with_debug(sub, argparse.SUPPRESS)
     return parser
 
 
@@ -164,6 +185,7 @@ def _train_row(number: int, variant: str, preset: str, data_root, run_dir, seed:
     sizes = (data.image_size, data.max_size) if data else (800, 1333)
     train_set = load_coco_split(data_root, "train", transforms=build_transforms(True, *sizes), with_masks=number == 6)
     model = initialised(module.build_row(variant, preset, seed), pretrained)
+    train_set.check_for_training(progress=None if progress else False)  # a bad image fails now, not hours in
     return train(model, train_set, _row_schedule(number, variant, preset, iterations, run_dir), run_dir, seed=seed,
                  device=device, progress=progress, description=f"Table {number} {variant}",
                  start_from=start_from(pretrained))
@@ -181,17 +203,40 @@ def _checkpointed_iterations(number: int, variant: str, preset: str, state: dict
                     f"retrain it with python -m fpnlib train")
 
 
-def _pretrained(args, root, seed: int):
-    """The pre-trained weights a row of ``args.preset`` starts from (pre-trained first if missing)."""
+def _pretrained(args, root, seed: int, iterations: int | None):
+    """The pre-trained weights a row of ``args.preset`` starts from (pre-trained first if missing;
+    ``iterations`` cuts the pre-training as it cuts the row, as ``table`` does)."""
     from fpnlib.experiments.pretrain import pretrained_weights
     from fpnlib.provenance import REPO_ROOT
 
     return pretrained_weights(args.preset, root, Path(args.runs or REPO_ROOT / "runs" / args.preset), seed=seed,
-                              device=args.device)
+                              device=args.device, progress=False, iterations=iterations)
+
+
+def _check_device(device: str, parser) -> None:
+    """A usage error for a device torch does not know or this machine lacks, before any data or
+    model is loaded."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        parser.error(f"--device {device}: not a device (cpu, cuda, cuda:N, ...)")
+    if dev.type == "cuda":  # counted, not touched: a tensor would hold a context on GPU 0 in every torchrun process
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            parser.error(f"--device {device}: this machine has no CUDA GPU that torch can use; use --device cpu")
+        if (dev.index or 0) >= count:
+            parser.error(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError) as e:  # a backend this torch was not built with, or no such device
+            parser.error(f"--device {device}: this torch cannot use it ({str(e).splitlines()[0].split('. ')[0]})")
 
 
 def _train_or_eval(args, parser) -> None:
-    from fpnlib.data.prepare import ensure_dataset
+    from fpnlib.data.prepare import dataset_for
     from fpnlib.engine import distributed
     from fpnlib.provenance import REPO_ROOT
 
@@ -199,35 +244,38 @@ def _train_or_eval(args, parser) -> None:
         variant = _resolve_row(args.table, args.row, args.preset)
     except _RowError as e:
         parser.error(str(e))
+    _check_device(args.device, parser)
     run_dir = Path(args.runs or REPO_ROOT / "runs" / args.preset) / f"table{args.table}" / variant
     retrain = (f"python -m fpnlib train --table {args.table} --row {variant} --preset {args.preset}"
                + (f" --runs {args.runs}" if args.runs else ""))
     if args.verb == "train":
         distributed.init_from_env()  # under torchrun: join the other processes (DDP); else nothing
-        if distributed.is_main():  # one process generates the data set, the others then find it
-            root = ensure_dataset(args.preset, root=args.data, progress=False)
+        seed = 0 if args.seed is None else args.seed
+        if distributed.is_main():  # one process generates the data set and pre-trains, the others then find them
+            root = dataset_for(args.preset, root=args.data)
+            weights = _pretrained(args, root, seed, args.iterations)
         distributed.barrier()
         if not distributed.is_main():
-            root = ensure_dataset(args.preset, root=args.data, progress=False)
-        seed = 0 if args.seed is None else args.seed
+            root = dataset_for(args.preset, root=args.data)
+            weights = _pretrained(args, root, seed, args.iterations)
         run = _train_row(args.table, variant, args.preset, root, run_dir, seed, args.device, args.iterations,
-                         progress=distributed.is_main(), pretrained=_pretrained(args, root, seed))
+                         progress=distributed.is_main(), pretrained=weights)
         if distributed.is_main():
-            print(json.dumps({"table": args.table, "row": variant, "run_dir": str(run_dir),
-                              "processes": distributed.world_size(), **{k: v for k, v in run.items()
-                                                                         if k != "wall_time_s"}}, indent=1))
+            _print_json({"table": args.table, "row": variant, "run_dir": str(run_dir),
+                         "processes": distributed.world_size(), **{k: v for k, v in run.items() if k != "wall_time_s"}})
             print(f"metrics: python -m fpnlib eval --table {args.table} --row {variant} --preset {args.preset}"
                   + (f" --runs {args.runs}" if args.runs else "") + (f" --data {args.data}" if args.data else ""))
         distributed.shutdown()
         return
-    import torch
+    from fpnlib.engine.train import _read_checkpoint
 
     if distributed.init_from_env():
         parser.error("eval runs in one process; start it with python, not torchrun")
     ckpt = run_dir / "last.pt"
     if not ckpt.exists():
         parser.error(f"no checkpoint in {run_dir}; train the row first: {retrain}")
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = _read_checkpoint(ckpt, "cpu", ("iteration", "schedule", "seed"),
+                             f"; move it away and train the row again: {retrain}")
     try:
         iterations = args.iterations if args.iterations is not None else \
             _checkpointed_iterations(args.table, variant, args.preset, state, run_dir)
@@ -237,28 +285,78 @@ def _train_or_eval(args, parser) -> None:
     if state["iteration"] < total:
         parser.error(f"{ckpt} is unfinished (iteration {state['iteration']} of {total}); continue it: {retrain}"
                      + (f" --iterations {iterations}" if iterations is not None else ""))
-    root = ensure_dataset(args.preset, root=args.data, progress=False)
+    root = dataset_for(args.preset, root=args.data)
     seed = state["seed"] if args.seed is None else args.seed
     result = _table_module(args.table).run_row(variant, args.preset, root, run_dir, seed=seed, device=args.device,
                                                iterations=iterations, progress=False,
-                                               pretrained=_pretrained(args, root, seed))
-    print(json.dumps(result, indent=1, default=list))
+                                               pretrained=_pretrained(args, root, seed, iterations))
+    _print_json(result)
+
+
+def _print_json(record: dict) -> None:
+    """``record`` as strict JSON: a metric that is not a number (no ground truth to recall, NaN
+    in pycocotools' summary) is null, which every JSON reader takes."""
+    def finite(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        return [finite(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+    print(json.dumps(finite(record), indent=1, default=list, allow_nan=False))
+
+
+def _one_line(error: BaseException) -> str:
+    """An error's message and notes (where a checkpoint went) on one line."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+    return "; ".join([text, *getattr(error, "__notes__", [])])
+
+
+def _known(error: Exception) -> bool:
+    """Errors that say what went wrong in their message (a bad file, a full disk, a diverged loss,
+    a GPU out of memory): one line is enough. Any other is a bug, and keeps its traceback."""
+    if isinstance(error, (ValueError, OSError)):
+        return True
+    if "torch" not in sys.modules:
+        return False
+    import torch
+
+    from fpnlib.engine.train import TrainingDiverged
+
+    return isinstance(error, (TrainingDiverged, torch.cuda.OutOfMemoryError))
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a verb. A known error prints one line and returns 1; Ctrl-C or SIGTERM prints one line
+    (with the checkpoint a training run wrote) and returns 128 + the signal's number, as a shell
+    reports a process the signal stopped. ``--debug`` raises instead, with the traceback."""
+    import signal
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    prog = f"{parser.prog} {args.verb}"
+    try:
+        return _run(args, parser)
+    except KeyboardInterrupt as stop:
+        if args.debug:
+            raise
+        sig = signal.SIGTERM if "SIGTERM" in str(stop) else signal.SIGINT  # train's handler names it
+        notes = getattr(stop, "__notes__", [])
+        sys.stderr.write(f"{prog}: stopped by {sig.name}" + "".join(f"; {n}" for n in notes) + "\n")
+        return 128 + sig
+    except Exception as error:
+        if args.debug or not _known(error):
+            raise
+        sys.stderr.write(f"{prog}: error: {_one_line(error)}\n")
+        return 1
+
+
+def _run(args, parser) -> int:
     if args.verb == "data":
         from fpnlib.data.prepare import ensure_dataset
 
-        if args.seed is None:  # the preset's own set: reused when already generated
-            root = ensure_dataset(args.preset, root=args.root, workers=args.workers, force=args.force)
-        else:
-            from fpnlib.config import get_preset
-            from fpnlib.data.synthetic import generate
-
-            root = args.root or f"data/{args.preset}-seed{args.seed}"
-            generate(root, get_preset(args.preset, seed=args.seed).data, workers=args.workers)
+        # the preset's own set, or with another seed: reused when already generated
+        root = ensure_dataset(args.preset, root=args.root, workers=args.workers, force=args.force, seed=args.seed)
         print(f"data set of preset {args.preset!r} in {root}")
     elif args.verb == "stats":
         from fpnlib.data.stats import dataset_statistics
@@ -286,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         from fpnlib.provenance import REPO_ROOT
         from fpnlib.report import RESULTS_DIR
 
+        _check_device(args.device, parser)
         out = args.out or RESULTS_DIR / args.preset
         runs = args.runs or REPO_ROOT / "runs" / args.preset
         root = ensure_dataset(args.preset)

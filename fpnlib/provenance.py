@@ -104,3 +104,26 @@ def provenance(preset: str, seed: int, wall_time_s: float | None = None, **extra
         record["wall_time_s"] = round(float(wall_time_s), 2)
     record.update(extra)
     return record
+
+
+def data_identity(root: str | Path) -> str:
+    """sha256 of what a data set folder gives a result: the bytes of its annotation files and of
+    its generation config (the generator's stamp), and the name and size of every other file (the
+    images; hashing their bytes would read all of COCO). A copy with an image cut short or missing,
+    another seed's set or a set without annotations differs; a byte-identical copy does not."""
+    import hashlib
+
+    from fpnlib.data.prepare import GENERATING, GENERATION, STAMP
+
+    root = Path(root)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        name = path.relative_to(root).as_posix()
+        if name in (GENERATION, GENERATING):  # how long it took, not what it holds
+            continue
+        if name == STAMP or name.startswith("annotations/"):
+            digest.update(f"{name}\0".encode() + hashlib.sha256(path.read_bytes()).digest())
+        else:
+            digest.update(f"{name}\0{path.stat().st_size}\0".encode())
+    return digest.hexdigest()
+

@@ -7,8 +7,9 @@ run non-contiguously from 1 to 90. Here they are mapped to contiguous labels ``1
 
 Everything that can be checked from the JSON is checked when the data set is built, so that
 a broken annotation file fails at once with a message naming the file and the problem,
-rather than hours into training. Image files are only opened in ``__getitem__`` (or all at
-once by :meth:`CocoDetection.validate_images`).
+rather than hours into training. Image files are only opened in ``__getitem__``, or all at
+once by :meth:`CocoDetection.validate_images` (headers only), which the command line runs
+before it trains (:meth:`CocoDetection.check_for_training`).
 """
 from __future__ import annotations
 
@@ -278,20 +279,37 @@ class CocoDetection(torch.utils.data.Dataset):
             )
         return img
 
-    def validate_images(self, progress: bool = False) -> None:
-        """Open every image once (``PIL.Image.verify``); raise the first problem found.
+    def validate_images(self, progress: bool | None = None) -> None:
+        """Check every image file quickly, before hours of training depend on it; raise one
+        ``CocoFormatError`` that lists every bad file.
 
-        Meant for a fresh COCO download: catches missing, truncated-header or mis-sized files
-        up front. ``verify`` does not decode pixels, so a file cut short in its pixel data may
-        still only fail in ``__getitem__``.
+        The check reads headers, not pixels: a file that is missing, is no image, has a broken
+        header or another size than the annotation file says, a PNG with a damaged chunk
+        (``PIL.Image.verify``), and a JPEG cut short (no end-of-image marker: only such a file is
+        decoded, to be sure). ``progress`` shows a bar (default: on sets of 1000 images or more).
         """
-        ids = self.ids
-        if progress:
-            from tqdm import tqdm
+        from tqdm.auto import tqdm
 
-            ids = tqdm(ids, desc=f"checking images in {self.img_dir}")
-        for img_id in ids:
-            self._open_checked(img_id, verify=True).close()
+        bad = []
+        for img_id in tqdm(self.ids, desc=f"checking images in {self.img_dir}", unit="image",
+                           disable=not (len(self.ids) >= 1000 if progress is None else progress)):
+            try:
+                self._open_checked(img_id, verify=True).close()
+                if _cut_short(self._image_path(img_id)):
+                    self._open_checked(img_id).close()  # raises if it is
+            except CocoFormatError as e:
+                bad.append(str(e))
+        if bad:
+            shown = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
+            raise CocoFormatError(f"{len(bad)} of {len(self.ids)} images of {self.ann_file} are unusable: {shown}")
+
+    def check_for_training(self, progress: bool | None = None) -> None:
+        """Raise ``CocoFormatError`` unless the split has something to learn from (an annotation)
+        and every image passes ``validate_images``."""
+        if not self.coco.anns:
+            raise CocoFormatError(f"{self.ann_file}: no annotations (after {self.num_dropped} degenerate boxes were "
+                                  f"dropped); a split without objects trains nothing")
+        self.validate_images(progress)
 
     def _mask(self, ann: dict, h: int, w: int) -> np.ndarray:
         if isinstance(ann["segmentation"], list) and not ann["segmentation"]:
@@ -301,8 +319,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         img_id = self.ids[i]
         with self._open_checked(img_id) as pil:
-            # convert() covers L, LA, P, RGBA, CMYK...; COCO has a few grayscale images.
-            image = pil_to_tensor(pil.convert("RGB")).float().div_(255.0)
+            image = _rgb_tensor(pil)
         h, w = image.shape[-2:]
 
         anns = self.coco.imgToAnns.get(img_id, [])
@@ -330,6 +347,37 @@ class CocoDetection(torch.utils.data.Dataset):
             f"{type(self).__name__}({len(self)} images, {len(self.coco.anns)} annotations, "
             f"{self.num_classes} classes, ann_file={str(self.ann_file)!r})"
         )
+
+
+def _cut_short(path: Path) -> bool:
+    """Whether a JPEG file lacks its end-of-image marker (a download or copy cut short); JPEG
+    writers may leave a few bytes after it."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"\xff\xd8":
+            return False  # not a JPEG: its own header check decides
+        f.seek(0, 2)
+        f.seek(max(f.tell() - 64, 0))
+        return b"\xff\xd9" not in f.read()
+
+
+# Integer modes whose values are not 8 bits, with the largest value of their range: PIL's
+# convert("RGB") clips them at 255 (a 16-bit PNG turns white), so they are scaled instead.
+_WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535}
+
+
+def _rgb_tensor(pil: Image.Image) -> torch.Tensor:
+    """A float ``[3, H, W]`` RGB tensor in ``[0, 1]`` of any PIL mode: ``convert`` covers L, LA,
+    P, RGBA, CMYK... (COCO has a few grayscale images); 16-bit, 32-bit integer (``I``, as some
+    PIL versions open 16-bit PNGs) and float (``F``) images are scaled to their range."""
+    if pil.mode not in _WIDE_MODES and pil.mode not in ("I", "F"):
+        return pil_to_tensor(pil.convert("RGB")).float().div_(255.0)
+    values = np.asarray(pil, dtype=np.float64)
+    top = _WIDE_MODES.get(pil.mode)
+    if top is None:  # I or F: 16 bits or [0, 1] when the values fit, else their own maximum
+        peak = float(values.max(initial=0.0))
+        top = 1.0 if pil.mode == "F" and peak <= 1.0 else 65535.0 if peak <= 65535 else peak
+    gray = torch.from_numpy(np.clip(values / top, 0.0, 1.0)).float()
+    return gray.expand(3, *gray.shape).contiguous()
 
 
 def load_coco_split(root, split: str, **kwargs) -> CocoDetection:

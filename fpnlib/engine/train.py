@@ -6,7 +6,8 @@ What it promises:
     RPN's anchor sampling) is drawn from seeds derived from ``(seed, iteration)``, not from a
     stream that carries over. So the same command gives the same numbers, and a run resumed
     from a checkpoint continues exactly as if it had never stopped.
-  * **Nothing lost.** A checkpoint every ``checkpoint_every`` iterations and on Ctrl-C;
+  * **Nothing lost.** A checkpoint every ``checkpoint_every`` iterations, on Ctrl-C and before
+    an error in a training step propagates, each written atomically (``_save``);
     ``resume=True`` continues from the last one (and returns at once if the run is complete,
     which is how notebooks "train or load"). A NaN/inf loss stops the run with
     :class:`TrainingDiverged` before the bad step is taken; the last good checkpoint stays (and
@@ -170,11 +171,91 @@ def build_optimizer(model: nn.Module, s: Schedule) -> torch.optim.SGD:
     return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a read-only folder); the message names the
+    file and the cause. The partial file is removed and the previous checkpoint is kept."""
+
+
+class _RecordedWrites:
+    """A file for ``torch.save`` that keeps the ``OSError`` of a failed write: torch reports it
+    as an unrelated ``RuntimeError`` (``enforce fail at inline_container.cc``)."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def _save(path: Path, payload: dict) -> None:
-    """Write atomically: a crash while saving leaves the previous checkpoint intact."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    """Write atomically: a temp file in the same folder, flushed to the disk, then renamed over
+    ``path``, so that a crash, a kill or a full disk leaves the previous checkpoint whole. A failed
+    write raises ``CheckpointWriteError`` after removing the temp file (it would keep a full disk
+    full)."""
+    tmp = path.with_name(path.name + ".tmp")
+    recorded = None
+    try:
+        with open(tmp, "wb") as f:
+            recorded = _RecordedWrites(f)
+            torch.save(payload, recorded)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        cause = recorded.error if recorded is not None and recorded.error is not None else e
+        if not isinstance(cause, OSError):
+            raise
+        error = CheckpointWriteError(_write_failure(path, cause))
+        error.errno = cause.errno
+        raise error from e
+    with contextlib.suppress(OSError):  # the rename itself reaches the disk (not every file system can)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_failure(path: Path, cause: OSError) -> str:
+    """One line: which checkpoint, why, the space left where the disk is full, what is kept."""
+    import errno
+    import shutil
+
+    why = cause.strerror or str(cause)
+    if cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        with contextlib.suppress(OSError):
+            why += f" ({shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there)"
+    kept = "the previous checkpoint is kept" if path.exists() else "there is no earlier checkpoint"
+    return f"{path}: cannot write the checkpoint: {why}; the partial file was removed, {kept}"
+
+
+def _add_note(error: BaseException, note: str) -> None:
+    """``error.add_note(note)``, also on Python 3.10 (the CLI prints the notes on the error's line)."""
+    error.__notes__ = [*getattr(error, "__notes__", []), note]
+
+
+def _checkpoint_on_error(error: Exception, checkpoint: Callable[[int], None], completed: int,
+                         saved: int | None, path: Path, main: bool) -> None:
+    """After an exception in a training step (a bad image, an out-of-memory, a lost process): the
+    steps completed since the last checkpoint are written before the error propagates, and the
+    error says where they are. A diverged loss or a failed write has nothing good to add."""
+    if isinstance(error, (TrainingDiverged, CheckpointWriteError)) or completed == (saved or 0):
+        return
+    try:
+        checkpoint(completed)
+    except (TrainingDiverged, CheckpointWriteError) as e:  # non-finite weights, a full disk
+        _add_note(error, f"the steps since the last checkpoint were not saved: {e}")
+        return
+    if main:
+        _add_note(error, f"checkpoint written: {path} (iteration {completed}); the same command resumes from it")
 
 
 def _to(device: torch.device, images, targets):
@@ -426,9 +507,15 @@ def train(
                 if on_iteration is not None:
                     on_iteration(it, losses_out)
                 t_last = time.perf_counter()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         checkpoint(completed)  # the state after the last completed step
         bar.close()
+        if main:
+            _add_note(stop, f"checkpoint written: {ckpt_path} (iteration {completed}); the same command resumes from it")
+        raise
+    except Exception as error:
+        bar.close()
+        _checkpoint_on_error(error, checkpoint, completed, saved, ckpt_path, main)
         raise
     bar.close()
     if completed != start or not ckpt_path.exists():

@@ -268,12 +268,25 @@ def halving_lr_on_divergence(schedule_for: Callable[..., object]):
     return decorate
 
 
+def _computed_from(arguments: dict, checkpoint: Path) -> dict:
+    """What a ``run_row`` call's numbers come from besides its key's arguments: the checkpoint's
+    bytes, the data's identity (``provenance.data_identity``) and the device."""
+    from fpnlib.provenance import data_identity
+
+    inputs = {"checkpoint_sha256": _file_digest(checkpoint)}
+    if arguments.get("data_root") is not None:
+        inputs["data_sha256"] = data_identity(arguments["data_root"])
+    if "device" in arguments:
+        inputs["device"] = str(arguments["device"])
+    return inputs
+
+
 def reuse_evaluated(run_row: Callable[..., dict]) -> Callable[..., dict]:
     """Decorate a table's ``run_row(variant, ..., out_dir, ...)``: the row it returns (metrics,
-    timings, its wall time and thread count) is kept in ``out_dir/row.json`` with the sha256 of
-    the checkpoint it evaluated, and returned again, without training or evaluating, while
-    ``out_dir/last.pt`` is that same file and the arguments that set the numbers (preset, seed,
-    iterations, ...) are the same. The notebooks show the rows ``make reproduce`` measured instead
+    timings, its wall time and thread count) is kept in ``out_dir/row.json`` with what it was
+    computed from (``_computed_from``: the checkpoint, the data, the device; in the row too), and
+    returned again, without training or evaluating, while those and the arguments that set the
+    numbers (preset, seed, iterations, ...) are the same. The notebooks show the rows ``make reproduce`` measured instead
     of measuring them again (re-evaluating every row cost minutes per notebook under ``cpu``)."""
     import functools
     import inspect
@@ -291,14 +304,15 @@ def reuse_evaluated(run_row: Callable[..., dict]) -> Callable[..., dict]:
         key = _row_key(bound.arguments)
         if cache.exists() and checkpoint.exists():
             kept = json.loads(cache.read_text())
-            if kept.get("key") == key and kept.get("checkpoint_sha256") == _file_digest(checkpoint):
+            if kept.get("key") == key and kept.get("computed_from") == _computed_from(bound.arguments, checkpoint):
                 return dict(kept["row"], reused_from=str(cache.name))
         t = time.perf_counter()
         row = run_row(*args, **kwargs)
         row["wall_time_s"] = round(time.perf_counter() - t, 1)
         row["torch_threads"] = torch.get_num_threads()
         if checkpoint.exists():
-            cache.write_text(json.dumps({"key": key, "checkpoint_sha256": _file_digest(checkpoint), "row": row},
+            row["computed_from"] = _computed_from(bound.arguments, checkpoint)
+            cache.write_text(json.dumps({"key": key, "computed_from": row["computed_from"], "row": row},
                                         indent=1, default=list) + "\n")
         return row
 
