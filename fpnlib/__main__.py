@@ -185,7 +185,6 @@ def _train_row(number: int, variant: str, preset: str, data_root, run_dir, seed:
     sizes = (data.image_size, data.max_size) if data else (800, 1333)
     train_set = load_coco_split(data_root, "train", transforms=build_transforms(True, *sizes), with_masks=number == 6)
     model = initialised(module.build_row(variant, preset, seed), pretrained)
-    train_set.check_for_training(progress=None if progress else False)  # a bad image fails now, not hours in
     return train(model, train_set, _row_schedule(number, variant, preset, iterations, run_dir), run_dir, seed=seed,
                  device=device, progress=progress, description=f"Table {number} {variant}",
                  start_from=start_from(pretrained))
@@ -236,6 +235,7 @@ def _check_device(device: str, parser) -> None:
 
 
 def _train_or_eval(args, parser) -> None:
+    from fpnlib.data.coco import load_coco_split
     from fpnlib.data.prepare import dataset_for
     from fpnlib.engine import distributed
     from fpnlib.provenance import REPO_ROOT
@@ -253,6 +253,8 @@ def _train_or_eval(args, parser) -> None:
         seed = 0 if args.seed is None else args.seed
         if distributed.is_main():  # one process generates the data set and pre-trains, the others then find them
             root = dataset_for(args.preset, root=args.data)
+            # a bad image fails now, before the pre-training and the row, not hours in
+            load_coco_split(root, "train", with_masks=False).check_for_training()
             weights = _pretrained(args, root, seed, args.iterations)
         distributed.barrier()
         if not distributed.is_main():

@@ -265,7 +265,47 @@ def render_seeds_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> 
     return "\n".join(out).rstrip()
 
 
-BLOCKS = {"data": render_data_block, "figure1": render_figure1_block, "reproduce": render_reproduce_block,
+def render_coverage_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> str:
+    """The anchor coverage of the val objects by size and RPN (``anchor_coverage.json``)."""
+    path = Path(results_dir) / preset / "anchor_coverage.json"
+    if not path.exists():
+        return f"_Not recorded yet under `{preset}` (`fpnlib.experiments.coverage.anchor_coverage`)._"
+    rec = json.loads(path.read_text())
+    rows = ["| RPN | anchors (px) | large objects | with no positive anchor | median best-anchor IoU |"
+            " small: best IoU < 0.5 |", "|---|---|---|---|---|---|"]
+    for variant, d in rec["variants"].items():
+        sizes = sorted({s for v in d["anchor_sizes"].values() for s in v})
+        large, small = d["by_size"]["large"], d["by_size"]["small"]
+        rows.append(f"| {variant} | {', '.join(f'{s:.0f}' for s in sizes)} on {', '.join(d['anchor_sizes'])} | "
+                    f"{large['objects']} | {large['no_positive_anchor']} | {large['median_best_iou']} | "
+                    f"{small['best_iou_under_0.5']} of {small['objects']} |")
+    return "\n".join(rows + ["", f"From `results/{preset}/anchor_coverage.json` ({rec['split']} split, "
+                                  f"{_provenance_line(rec['provenance'])})."])
+
+
+def render_curves_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> str:
+    """Every recorded learning curve of ``preset`` (``curve_*.json``, ``fpnlib.experiments.curves``):
+    the metric at each scored iteration and the training time it took."""
+    paths = sorted((Path(results_dir) / preset).glob("curve_*.json"))
+    if not paths:
+        return f"_No learning curve recorded under `{preset}` yet (`fpnlib.experiments.curves`)._"
+    out = []
+    for path in paths:
+        rec = json.loads(path.read_text())
+        metrics = ("AR1k", "AR1k_s", "AR1k_l") if "AR1k" in rec["points"][0] else ("AP50", "AP", "AP_s", "AP_l")
+        s = rec["schedule"]
+        out += [f"{rec['what']} (`{path.name}`; {s['batch_size']} images per iteration, lr {s['lr']:g}, "
+                f"x{s['gamma']:g} at {', '.join(map(str, s['steps'])) or 'no step'}"
+                + (f"; {rec['model_overrides']}" if rec.get("model_overrides") else "") + "):", "",
+                "| iterations | training (min) | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+        out += [f"| {p['iteration']} | {p['train_time_s'] / 60:.1f} | " + " | ".join(f"{p[m]:.1f}" for m in metrics) + " |"
+                for p in rec["points"]]
+        prov = rec["provenance"]
+        out += ["", f"{_provenance_line(prov)}, {prov.get('torch_threads', '?')} thread(s).", ""]
+    return "\n".join(out).rstrip()
+
+
+BLOCKS = {"data": render_data_block, "coverage": render_coverage_block, "curves": render_curves_block, "figure1": render_figure1_block, "reproduce": render_reproduce_block,
           **{f"table{n}": _table_renderer(n) for n in (1, 2, 3, 5, 6)},
           "claims": render_claims_block, "notebooks": render_notebooks_block, "bench": render_bench_block,
           "seeds": render_seeds_block}

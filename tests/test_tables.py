@@ -176,7 +176,7 @@ def test_the_cli_trains_and_evaluates_a_row_at_the_rate_a_table_run_lowered_it_t
     assert _row_schedule(1, "fpn", "cpu", None, tmp_path).lr == own / 4
     # lowered from another rate than the row's own now: not applied
     assert _row_schedule(1, "p2_only", "cpu", None, tmp_path).lr == table1.ROW_LR["cpu"]["p2_only"]
-    assert _row_schedule(3, "fpn", "cpu", 20, tmp_path).iterations == 20
+    assert _row_schedule(6, "dual", "cpu", 20, tmp_path).iterations == 20
 
 
 def test_a_real_row_that_diverges_is_trained_again_at_half_the_rate(smoke_root, tmp_path):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou, roi_align
 
-from fpnlib.data.coco import CocoDetection
+from fpnlib.data.coco import CocoDetection, _rgb_tensor
 from fpnlib.data.transforms import Normalize
 
 BACKGROUND = 0
@@ -91,8 +91,8 @@ class ObjectCrops(torch.utils.data.Dataset):
 
     def _image(self, i: int) -> torch.Tensor:
         if i not in self._pixels:
-            with self.split._open_checked(self.split.ids[i]) as pil:
-                self._pixels[i] = torch.from_numpy(np.asarray(pil.convert("RGB")).copy()).permute(2, 0, 1)
+            with self.split._open_checked(self.split.ids[i]) as pil:  # any mode, as the detection set reads it
+                self._pixels[i] = _rgb_tensor(pil).mul_(255.0).round_().to(torch.uint8)
         return self._pixels[i]
 
     def crop_box(self, box: torch.Tensor) -> torch.Tensor:

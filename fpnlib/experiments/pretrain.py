@@ -113,6 +113,7 @@ def run_pretrain(preset: str, data_root, run_dir, out_dir=None, seed: int = 0, d
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     split = load_coco_split(data_root, "train", with_masks=False)
+    split.check_for_training(progress=None if progress else False)  # a bad image fails now, not minutes in
     fit, kept_out = held_out(len(split))
     train_crops = ObjectCrops(split, fit, budget.crop_size, train=True, seed=derive_seed(seed, 7))
     test_crops = ObjectCrops(split, kept_out, budget.crop_size, train=False, seed=derive_seed(seed, 8))
@@ -137,10 +138,10 @@ def run_pretrain(preset: str, data_root, run_dir, out_dir=None, seed: int = 0, d
 
 def pretrained_weights(preset: str, data_root, runs_root, seed: int = 0, device: str = "cpu",
                        progress: bool = True, out_dir=None, iterations: int | None = None) -> Path:
-    """The bottom-up weights every row of ``preset`` starts from: ``runs_root/pretrain/backbone.pt``,
-    pre-trained first if missing or made with another schedule (``iterations`` shortens it, as it
-    shortens the tables' rows), with ``out_dir/pretrain.json`` its record. ``paper``: the ImageNet
-    checkpoint the preset names."""
+    """The bottom-up weights every row of ``preset`` starts from: ``runs_root/pretrain/backbone.pt``
+    (``pretrain-seed<k>`` for another seed, ``…-<n>it`` when ``iterations`` shortens it as it shortens
+    the tables' rows), pre-trained first if missing, with ``out_dir/pretrain.json`` its record.
+    ``paper``: the ImageNet checkpoint the preset names."""
     from fpnlib.engine.train import shortened
 
     extra = get_preset(preset).extra
@@ -150,7 +151,8 @@ def pretrained_weights(preset: str, data_root, runs_root, seed: int = 0, device:
             raise FileNotFoundError(f"{path}: the ImageNet ResNet checkpoint (torchvision state dict) that preset "
                                     f"{preset!r} starts from is missing; put it there")
         return path
-    run_dir = Path(runs_root) / "pretrain"
+    # one folder per seed and schedule, so that a shortened run never meets the full one's checkpoint
+    run_dir = Path(runs_root) / ("pretrain" + (f"-seed{seed}" if seed else "") + (f"-{iterations}it" if iterations else ""))
     path = run_dir / BACKBONE_FILE
     finished = run_dir / "pretrain.json"
     if not (path.exists() and finished.exists()

@@ -6,7 +6,8 @@ head, schedule and data; only the feature maps the RPN sees differ.
 
 Budgets. The paper trains ResNet-50 (ImageNet init, frozen BN) at shorter side 800 for
 30k + 10k iterations of 16 images. On a CPU that is impossible, so the ``smoke``/``cpu``/``gpu``
-budgets below train a slim ResNet-18 with GroupNorm from scratch on the embedded set, with the
+budgets below train a slim ResNet-18 with GroupNorm, started from the stand-in for ImageNet pre-training
+(``fpnlib.experiments.pretrain``), on the embedded set, with the
 paper's anchor sizes scaled down for the smaller images (x0.25 at 160 px, x0.35 at 224 px, x0.8
 at 640 px; the strides are not scaled, so an anchor is 2-4 cells wide instead of the paper's 8).
 The starting points were measured on a 2-core CPU before this module was written. These are
@@ -68,11 +69,11 @@ BUDGETS: dict[str, RPNBudget] = {
 }
 
 DEVIATIONS = {
-    "smoke": "slim ResNet-18 (width 32), GroupNorm, from scratch; d=64; anchors x0.25; 200 iterations",
-    "cpu": "slim ResNet-18 (width 32), GroupNorm, from scratch; d=64; anchors x0.35 (11..179 px at 224 px images); "
+    "smoke": "slim ResNet-18 (width 32), GroupNorm, from the pre-trained crop classifier (``pretrain``); d=64; anchors x0.25; 200 iterations",
+    "cpu": "slim ResNet-18 (width 32), GroupNorm, from the pre-trained crop classifier (``pretrain``); d=64; anchors x0.35 (11..179 px at 224 px images); "
            "300 iterations of 4 images",
     "row_lr": "cpu: the P2-only row trains at lr 0.005 instead of 0.02, at which it did not learn (``ROW_LR``)",
-    "gpu": "ResNet-50, GroupNorm, from scratch; anchors x0.8 (640 px images)",
+    "gpu": "ResNet-50, GroupNorm, from the pre-trained crop classifier (``pretrain``); anchors x0.8 (640 px images)",
     "single_map_candidates": "rows (a), (b), (f) keep 6000 (test) candidates before NMS on their one map, "
                              "the pyramid rows 1000 per level (see ``SINGLE_MAP_CANDIDATES``)",
 }

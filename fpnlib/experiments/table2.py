@@ -90,10 +90,10 @@ def light_settings(variant: str, preset: str) -> dict:
 
 
 DEVIATIONS = {
-    "smoke": "slim ResNet-18 from scratch (as Table 1), 2fc of 128, 128 RoIs per image, 200 iterations",
-    "cpu": "slim ResNet-18 from scratch (as Table 1), 2fc of 512 instead of 1024, 128 RoIs per image, 150 iterations, "
+    "smoke": "slim ResNet-18 from the pre-trained crop classifier (as Table 1), 2fc of 128, 128 RoIs per image, 200 iterations",
+    "cpu": "slim ResNet-18 from the pre-trained crop classifier (as Table 1), 2fc of 512 instead of 1024, 128 RoIs per image, 150 iterations, "
            "300 test proposals per image (100 for the conv5 row: ``TEST_PROPOSALS``, ``CONV5_TEST_PROPOSALS``)",
-    "gpu": "ResNet-50 GroupNorm from scratch (as Table 1)",
+    "gpu": "ResNet-50 GroupNorm from the pre-trained crop classifier (as Table 1)",
     "proposals": "the fixed proposals come from our Table 1(c) FPN RPN of the same preset",
     "conv5_on_cpu": "smoke/cpu: the conv5-head row trains on 32 RoIs per image and is tested on 300 proposals "
                     "(``CONV5_ON_CPU``: the conv5 stage per RoI is too slow for a CPU otherwise)",

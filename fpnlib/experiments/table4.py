@@ -2,7 +2,8 @@
 
 Nothing here is trained: the paper's ranking is reproduced from its numbers, and our best
 detector (the highest-AP row of our Tables 3 and 5) is shown BELOW it, in a row of its own,
-because it was measured on the embedded val set with a small network trained from scratch and
+because it was measured on the embedded val set with a small network (pre-trained on object crops,
+not ImageNet) and
 cannot be ranked among COCO test-dev results.
 """
 from __future__ import annotations
@@ -52,7 +53,7 @@ def render_table4(results_dir, preset: str) -> str:
     else:
         prov = best["provenance"]
         lines += ["**Ours — a different data set, NOT comparable with the rows above** (the embedded val set, "
-                  "a small network trained from scratch):", "",
+                  "a small network pre-trained on object crops, not ImageNet):", "",
                   "| our row | " + " | ".join(OUR_METRICS) + " |", "|---|" + "---|" * len(OUR_METRICS),
                   f"| Table {best['table']} {best['row']} | " + " | ".join(fmt(best["metrics"][m]) for m in OUR_METRICS) + " |",
                   "", f"From `table{best['table']}.json`: preset `{prov['preset']}`, seed {prov['seed']}, "

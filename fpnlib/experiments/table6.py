@@ -61,12 +61,12 @@ BUDGETS = {
                            Schedule(iterations=80000, batch_size=16, lr=0.03, warmup_iters=500, steps=(60000,), checkpoint_every=2000)),
 }
 DEVIATIONS = {
-    "smoke": "slim ResNet-18 (width 32), GroupNorm, from scratch; d=64; MLP hidden 128; canonical scales and "
+    "smoke": "slim ResNet-18 (width 32), GroupNorm, from the pre-trained crop classifier; d=64; MLP hidden 128; canonical scales and "
              "windows x0.25 (8..128 px, windows 10..160 px at 160 px images); 150 iterations of 4 images",
-    "cpu": "slim ResNet-18 (width 32), GroupNorm, from scratch; d=64 instead of 128; MLP hidden 256 instead of 512; "
+    "cpu": "slim ResNet-18 (width 32), GroupNorm, from the pre-trained crop classifier; d=64 instead of 128; MLP hidden 256 instead of 512; "
            "canonical scales and windows x0.35 (11..179 px, windows 14..224 px at 224 px images); "
            "150 iterations of 4 images",
-    "gpu": "ResNet-50, GroupNorm, from scratch; canonical scales and windows x0.8 (640 px images)",
+    "gpu": "ResNet-50, GroupNorm, from the pre-trained crop classifier; canonical scales and windows x0.8 (640 px images)",
     "scales": "the level strides are not scaled with the canonical scales, so a window spans fewer cells "
               "than in the paper (10 cells of P2 at scale 1, 3.5 at x0.35)",
     "training": "the MLPs are evaluated only at the 128 sampled locations per image during training "
