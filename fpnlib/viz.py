@@ -6,6 +6,7 @@ functions write PNGs to ``figures/``. Figures are built with ``matplotlib.figure
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -133,6 +134,18 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 90) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     return path
+
+
+def figure_to_image(fig: Figure, dpi: int = 72, format: str = "png"):
+    """An ``IPython.display.Image`` of ``fig``: a pyplot-free Figure has no rich display of
+    its own (a notebook would print ``<Figure ...>``). A lower dpi than the saved PNG's and
+    ``format="jpeg"`` for figures over photographs (which compress badly as PNG) keep a
+    committed notebook light."""
+    from IPython.display import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format=format, dpi=dpi, **({"pil_kwargs": {"quality": 85}} if format == "jpeg" else {}))
+    return Image(data=buf.getvalue(), format=format)
 
 
 def plot_table_bars(record: dict, paper: dict[str, dict], paper_keys: dict[str, str], metrics: Sequence[str],

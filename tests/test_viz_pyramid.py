@@ -134,9 +134,22 @@ def test_plot_dependencies_marks_absent_levels(feats, tmp_path):
     assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size < 300_000
 
 
-def test_pyramid_widget_has_level_and_channel_sliders(pyramid):
+def test_pyramid_widget_draws_a_new_image_on_every_move(pyramid, monkeypatch):
+    """The widget shows a picture when created and another when a slider moves: what it hands to
+    IPython's display, as the notebook's output area receives it (the browser test,
+    tests/test_browser.py, checks the same in JupyterLab)."""
     pytest.importorskip("ipywidgets")
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda *objs, **kw: shown.extend(objs))
     w = pyramid_widget(torch.rand(3, *HW), pyramid)
     level, channel = w.kwargs_widgets
     assert list(level.options) == list(pyramid) and channel.min == -1 and channel.max == 7
-    assert w.result is not None  # the initial view was drawn
+    assert [type(o).__name__ for o in shown] == ["Image"], "the initial view is displayed as an image"
+    level.value = "p4"
+    channel.value = 3
+    assert len(shown) == 3, "each slider move displays a new view"
+    pngs = [o.data for o in shown]
+    assert all(p[:4] == b"\x89PNG" for p in pngs)
+    assert len(set(pngs)) == 3, "a move changes the picture"
