@@ -65,12 +65,16 @@ def exercise(*replaces: str):
 
 
 def print_interface(*functions) -> None:
-    """Each function's signature and docstring, without its body: what a lesson shows of a
-    library function that one of its exercises asks the student to write."""
+    """Each function's signature and docstring as written, without its body (the student edition's
+    stub of it): what a lesson shows of a library function that one of its exercises asks for."""
+    import textwrap
+
+    from fpnlib.student import STUB, stub_source
+
     for f in functions:
-        doc = inspect.getdoc(f) or ""
-        body = "\n".join("    " + line if line else "" for line in f'"""{doc}"""'.splitlines())
-        print(f"def {f.__name__}{inspect.signature(f)}:\n{body}\n    ...  # the exercise below writes it\n")
+        stub = stub_source(textwrap.dedent(inspect.getsource(f)))
+        body = "\n".join("    " + line for line in STUB.splitlines())
+        print(stub.replace(body, "    ...  # an exercise of this lesson writes it") + "\n")
 
 
 def _boxes_of_side(sides: list[float]) -> torch.Tensor:

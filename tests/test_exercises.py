@@ -365,3 +365,13 @@ def test_cli_writes_every_lesson_notebook(tmp_path):
         nb = json.loads(p.read_text())
         assert not [c for c in nb["cells"] if SOLUTION_TAG in c["metadata"].get("tags", [])]
         assert not [c for c in nb["cells"] if c.get("outputs")]
+
+
+def test_print_interface_shows_signature_and_docstring_not_the_body(capsys):
+    from fpnlib.modeling.fpn import top_down_merge
+
+    exercises.print_interface(top_down_merge)
+    out = capsys.readouterr().out
+    assert out.startswith("def top_down_merge(coarser: Tensor, lateral: Tensor) -> Tensor:\n")
+    assert '"""Fig. 3 building block' in out and "    ...  # an exercise of this lesson writes it" in out
+    assert "upsample_nearest(coarser" not in out and "return" not in out
