@@ -76,6 +76,12 @@ def lab(tmp_path_factory, smoke_root):
     for nb in lesson_notebooks():
         if nb.name[:2] in ("02", "03"):
             interactive_lesson(nb, folder / nb.name, {"preset": "smoke", "data_root": str(smoke_root), "interactive": True})
+    # a student's settings: the notebook's kernel starts without asking, no news pop-up over the page
+    for plugin, settings in {"notebook-extension/tracker": {"autoStartDefaultKernel": True},
+                             "apputils-extension/notification": {"fetchNews": "false"}}.items():
+        path = root / "settings" / "@jupyterlab" / f"{plugin}.jupyterlab-settings"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings))
     token, port = secrets.token_hex(16), _free_port()
     env = dict(os.environ, **{SCRATCH_ENV: str(root / "scratch"), "JUPYTER_RUNTIME_DIR": str(root / "runtime"),
                               "JUPYTERLAB_WORKSPACES_DIR": str(root / "workspaces"),
@@ -117,6 +123,18 @@ def browser(lab):
         chromium.close()
 
 
+def wait_for_idle_kernel(lab, notebook: str, timeout_s: float = 90) -> None:
+    """Until the server's session of ``notebook`` has a kernel that is idle (started, connected)."""
+    url, token = lab
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        sessions = json.loads(urllib.request.urlopen(f"{url}/api/sessions?token={token}", timeout=5).read())
+        if any(s["path"].endswith(notebook) and s["kernel"]["execution_state"] == "idle" for s in sessions):
+            return
+        time.sleep(0.5)
+    pytest.fail(f"no idle kernel for {notebook} after {timeout_s:.0f} s")
+
+
 def run_all_and_move_a_slider(browser, lab, notebook: str, screenshot: Path) -> tuple[str, str]:
     """Open ``notebook`` in JupyterLab, Run All Cells, move the widget's first slider one step;
     returns the ``src`` of the widget's picture before and after the move."""
@@ -128,13 +146,16 @@ def run_all_and_move_a_slider(browser, lab, notebook: str, screenshot: Path) -> 
     try:
         page.goto(f"{url}/lab/tree/{notebook}?token={token}&reset")  # reset: no tab of an earlier page reopens
         page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
-        try:  # JupyterLab may ask which kernel to start: the notebook's own (preselected)
-            page.get_by_role("button", name="Select", exact=True).click(timeout=10_000)
-        except PlaywrightTimeout:
-            pass
-        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle'] >> visible=true", timeout=60_000)  # kernel up
-        page.get_by_role("menuitem", name="Run", exact=True).click()
-        page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+        wait_for_idle_kernel(lab, notebook)
+        for attempt in range(3):  # a Run All sent while the page still connects to the kernel is lost
+            page.get_by_role("menuitem", name="Run", exact=True).click()
+            page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+            try:
+                page.wait_for_selector(".jp-InputPrompt:text-matches('\\[(\\*|\\d+)\\]')", timeout=15_000)
+                break
+            except PlaywrightTimeout:
+                if attempt == 2:
+                    raise
         picture = page.wait_for_selector(PICTURE, timeout=int(os.environ.get('FPNLIB_BROWSER_WAIT_S', '180')) * 1000)
         before = picture.get_attribute("src")
         page.locator(SLIDER).first.focus()
