@@ -21,14 +21,14 @@ help:
 	@echo "make test        run the tests (unit + notebooks under smoke)"
 	@echo "make bench       fpnlib beside torchvision's FasterRCNN (same configuration) -> results/bench/"
 	@echo "make data        generate the embedded data set for PRESET"
-	@echo "make lab         open the notebooks in JupyterLab"
+	@echo "make lab         open the notebooks in JupyterLab (a run writes to scratch/, not figures/ or results/)"
 	@echo "make student     write student/: the notebooks with the exercises' solutions stripped"
 	@echo "make gpu-wheels  .whl/: the pycocotools wheel a lent GPU machine lacks (see .ci/gpu-session.sh)"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PINS) 2>&1 | grep -v "is ignored" || true
-	$(PY) -m pip install --quiet -e '.[notebooks,test]' 2>&1 | grep -v "is ignored" || true
+	$(PY) -m pip install --quiet -e '.[notebooks,test,browser]' 2>&1 | grep -v "is ignored" || true
 	$(PY) -c "import torch, torchvision, pycocotools, papermill, fpnlib"
 	touch $(STAMP)
 
@@ -46,9 +46,10 @@ bench: $(STAMP)
 data: $(STAMP)
 	$(PY) -m fpnlib data --preset $(PRESET) --root data/$(PRESET)
 
+# as root (a container, the usual way a course image runs it) JupyterLab wants --allow-root
 lab: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[lab]' 2>&1 | grep -v "is ignored" || true
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/
 
 student: $(STAMP)
 	$(PY) -m fpnlib student --out student

@@ -1,10 +1,20 @@
 """Checks for the notebooks' "your turn" cells: the student writes a piece of the paper, a
 ``check_*`` function compares it with the library on chosen and random cases and says, in one
-sentence, what is wrong. Each returns ``True`` when the piece is right and raises
-``ExerciseError`` (an ``AssertionError``) with the first failing case otherwise.
+sentence, what is wrong.
+
+In a notebook a check prints its verdict and returns ``True`` or ``False``, so Run All goes on
+past an exercise not yet solved and every exercise reports. ``strict=True`` (the tests) raises
+``ExerciseError`` (an ``AssertionError``) with the first failing case instead. An answer that
+calls the library function it replaces (``check.replaces``) is rejected: the exercise is to
+write it. The lessons print only the interface of those functions (:func:`print_interface`),
+never their source, before the exercise.
 """
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
+import sys
 from collections.abc import Callable
 
 import torch
@@ -16,11 +26,63 @@ class ExerciseError(AssertionError):
     """A student's piece disagrees with the library; the message names the case."""
 
 
+def _resolve(name: str):
+    """``"package.module:attr.attr"`` -> the object."""
+    module, _, attrs = name.partition(":")
+    obj = importlib.import_module(module)
+    for attr in attrs.split("."):
+        obj = getattr(obj, attr)
+    return obj
+
+
+_FORBIDDEN: dict = {}  # code object -> library name, while a check runs
+
+
+def exercise(*replaces: str):
+    """Make ``check(fn, ...)`` a notebook check: it prints its verdict and returns a bool (raises
+    with ``strict=True``), and rejects a ``fn`` that calls one of ``replaces`` (``"module:name"``
+    of the library functions the exercise asks the student to write)."""
+    def wrap(check):
+        @functools.wraps(check)
+        def run(fn, *args, strict: bool = False, **kwargs) -> bool:
+            funcs = [_resolve(r) for r in replaces]
+            _FORBIDDEN.clear()
+            _FORBIDDEN.update({f.__code__: f.__qualname__ for f in funcs})
+            try:
+                return check(fn, *args, **kwargs)
+            except ExerciseError as e:
+                if strict:
+                    raise
+                print(f"{check.__name__}: {e}")
+                return False
+            finally:
+                _FORBIDDEN.clear()
+
+        run.replaces = tuple(r.rpartition(":")[2].rpartition(".")[2] for r in replaces)
+        return run
+
+    return wrap
+
+
+def print_interface(*functions) -> None:
+    """Each function's signature and docstring as written, without its body (the student edition's
+    stub of it): what a lesson shows of a library function that one of its exercises asks for."""
+    import textwrap
+
+    from fpnlib.student import STUB, stub_source
+
+    for f in functions:
+        stub = stub_source(textwrap.dedent(inspect.getsource(f)))
+        body = "\n".join("    " + line for line in STUB.splitlines())
+        print(stub.replace(body, "    ...  # an exercise of this lesson writes it") + "\n")
+
+
 def _boxes_of_side(sides: list[float]) -> torch.Tensor:
     s = torch.tensor(sides, dtype=torch.float32)
     return torch.stack([torch.zeros_like(s), torch.zeros_like(s), s, s], 1)
 
 
+@exercise("fpnlib.modeling.roi_levels:assign_fpn_levels")
 def check_level_rule(level_of: Callable[[torch.Tensor], torch.Tensor]) -> bool:
     """Eq. (1) (Sec. 4.2): ``level_of(boxes [N, 4] xyxy) -> [N]`` levels k in 2..5, with k0 = 4
     and canonical size 224, compared with ``fpnlib.modeling.roi_levels.assign_fpn_levels``."""
@@ -51,10 +113,7 @@ def _int_mismatches(got: torch.Tensor, want: torch.Tensor, why: str, what: str) 
 
 def _compare(level_of, boxes: torch.Tensor, why: str) -> None:
     want = assign_fpn_levels(boxes)
-    try:
-        got = torch.as_tensor(level_of(boxes.clone()))
-    except NotImplementedError:
-        raise ExerciseError("level_of is not written yet (it raises NotImplementedError)") from None
+    got = torch.as_tensor(_call(level_of, "level_of", why, boxes.clone()))
     bad = _int_mismatches(got, want, why, "one level per box")
     if len(bad):
         i = int(bad[0])
@@ -67,13 +126,28 @@ def _compare(level_of, boxes: torch.Tensor, why: str) -> None:
 
 
 def _call(fn, name: str, why: str, *args):
-    """Call the student's ``fn``; a missing piece or a crash becomes a one-sentence ``ExerciseError``."""
+    """Call the student's ``fn``; a missing piece, a crash or a call of the library function the
+    exercise replaces becomes a one-sentence ``ExerciseError``."""
+    called = []
+
+    def watch(frame, event, arg):  # every Python call the student's function makes, however named
+        if event == "call" and frame.f_code in _FORBIDDEN:
+            called.append(_FORBIDDEN[frame.f_code])
+
+    previous = sys.getprofile()
+    sys.setprofile(watch if _FORBIDDEN else previous)
     try:
-        return fn(*args)
+        result = fn(*args)
     except NotImplementedError:
         raise ExerciseError(f"{name} is not written yet (it raises NotImplementedError)") from None
     except Exception as e:  # the student's code crashed on this case: say which case
         raise ExerciseError(f"{why}: {name} raised {type(e).__name__}: {e}") from None
+    finally:
+        sys.setprofile(previous)
+    if called:
+        raise ExerciseError(f"{name} calls fpnlib's {called[0]}, the very function this exercise asks you to "
+                            f"write: build it from torch operations")
+    return result
 
 
 def _fmt(values) -> str:
@@ -98,6 +172,7 @@ def _library_stage_shapes(depth: int, width: int, image_hw: tuple[int, int]) -> 
     return {k: (int(f.shape[1]), int(f.shape[2]), int(f.shape[3])) for k, f in feats.items()}
 
 
+@exercise("fpnlib.modeling.backbone:ResNetBackbone.__init__", "fpnlib.modeling.backbone:ResNetBackbone.forward")
 def check_stage_shapes(stage_shapes: Callable[[int, int, tuple[int, int]], dict]) -> bool:
     """Sec. 3, "Bottom-up pathway": ``stage_shapes(depth, width, image_hw) -> {"c2": (channels,
     height, width), ..., "c5": (...)}`` for a ResNet of ``depth`` (18, 34, 50, 101) whose stem has
@@ -136,6 +211,7 @@ def check_stage_shapes(stage_shapes: Callable[[int, int, tuple[int, int]], dict]
 # ----------------------------------------------------------------------------- 02: the Fig. 3 merge block
 
 
+@exercise("fpnlib.modeling.fpn:top_down_merge", "fpnlib.modeling.fpn:upsample_nearest")
 def check_lateral_merge(merge: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
     """Fig. 3: ``merge(coarser [N, C, h, w], lateral [N, C, H, W]) -> [N, C, H, W]``, the coarser map
     upsampled by nearest neighbour to the lateral map's size and added to it, compared with
@@ -181,6 +257,7 @@ def check_lateral_merge(merge: Callable[[torch.Tensor, torch.Tensor], torch.Tens
 # ----------------------------------------------------------------------------- 03: anchors
 
 
+@exercise("fpnlib.modeling.anchors:grid_anchors")
 def check_anchor_grid(grid: Callable[[torch.Tensor, tuple[int, int], int], torch.Tensor]) -> bool:
     """Sec. 4.1: ``grid(cell [A, 4], feature_hw (H, W), stride) -> [H*W*A, 4]``, the cell anchors
     (centred at 0, 0) shifted to every location of an H x W map, location (y, x) centred at
@@ -241,6 +318,8 @@ def _explain_label(iou: torch.Tensor, a: int, want: int) -> str:
     return f"its highest IoU is {best:.2f}, between 0.3 and 0.7, and it is no object's best anchor: ignored (-1)"
 
 
+@exercise("fpnlib.modeling.anchor_labels:label_anchors", "fpnlib.modeling.anchor_labels:labels_from_iou",
+          "fpnlib.modeling.anchor_labels:best_anchors_per_gt")
 def check_labeling_rule(label: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
     """Sec. 4.1 (Faster R-CNN's rule): ``label(anchors [A, 4], gt_boxes [G, 4]) -> [A]`` with 1 for an
     anchor whose IoU with some ground truth is over 0.7 or that is the best anchor (ties included)
@@ -291,6 +370,7 @@ def check_labeling_rule(label: Callable[[torch.Tensor, torch.Tensor], torch.Tens
 # ----------------------------------------------------------------------------- 07: segment proposals
 
 
+@exercise("fpnlib.modeling.segment_proposals:assign_segment_levels")
 def check_segment_level_rule(slot_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
     """Appendix A: ``slot_of(boxes [G, 4], canonical [S]) -> [G]``, for each object the index of the
     canonical scale (``canonical``, increasing, in px) nearest to its scale max(w, h) in log space,
@@ -336,4 +416,147 @@ def check_segment_level_rule(slot_of: Callable[[torch.Tensor, torch.Tensor], tor
                                 f"canonical scale in log space is index {int(want[i])} ({canonical[want[i]].item():.1f} px) "
                                 f"({len(bad)} of {len(boxes)} boxes differ)")
     print("check_segment_level_rule: correct — your rule matches fpnlib's assign_segment_levels on every case")
+    return True
+
+
+# ----------------------------------------------------------------------------- 04 and 06: the box parametrization
+
+
+def _random_boxes(n: int, g: torch.Generator, lo: float = 2.0, hi: float = 300.0) -> torch.Tensor:
+    xy = torch.rand(n, 2, generator=g) * 400
+    wh = lo * torch.exp(torch.rand(n, 2, generator=g) * torch.log(torch.tensor(hi / lo)))
+    return torch.cat([xy, xy + wh], 1)
+
+
+def _compare_boxes(got, want: torch.Tensor, why: str, what: str, rows: str, hints: dict) -> None:
+    got = torch.as_tensor(got)
+    if tuple(got.shape) != tuple(want.shape):
+        raise ExerciseError(f"{why}: you return shape {tuple(got.shape)}; expected {tuple(want.shape)}, {what}")
+    bad = torch.nonzero(~torch.isclose(got.double(), want.double(), rtol=1e-4, atol=1e-3).all(dim=1)).flatten()
+    if len(bad):
+        i = int(bad[0])
+        hint = next((h for h, other in hints.items() if torch.allclose(got.double(), other.double(), rtol=1e-4, atol=1e-3)), "")
+        raise ExerciseError(f"{why}: {rows} {i} should be {_fmt(want[i])}; you return {_fmt(got[i])}"
+                            f"{' (' + hint + ')' if hint else ''} ({len(bad)} of {len(want)} rows differ)")
+
+
+@exercise("fpnlib.modeling.box_coder:decode", "fpnlib.modeling.box_coder:encode")
+def check_decode(decode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
+    """Sec. 4.1 (Faster R-CNN's parametrization): ``decode(deltas [N, 4], anchors [N, 4]) -> boxes
+    [N, 4]`` xyxy, the RPN's (dx, dy, dw, dh) applied to its anchors: centre moved by (dx wa, dy ha),
+    size scaled by (exp dw, exp dh), dw and dh first capped at log(1000 / 16); compared with
+    ``fpnlib.modeling.box_coder.decode``."""
+    from fpnlib.modeling import box_coder
+
+    g = torch.Generator().manual_seed(0)
+    anchors = box_coder.decode(torch.zeros(4, 4), torch.tensor([[0.0, 0.0, 32.0, 32.0], [10.0, 20.0, 30.0, 60.0],
+                                                                [100.0, 100.0, 356.0, 228.0], [5.0, 5.0, 16.0, 16.0]]))
+    t = torch.tensor
+    cases = [("zero deltas give back the anchors", torch.zeros(4, 4), anchors),
+             ("dx = 0.5 moves the centre by half the anchor's width",
+              t([[0.5, 0.0, 0.0, 0.0]] * 4), anchors),
+             ("dw = log 2 doubles the width about the centre", t([[0.0, 0.0, 0.6931, 0.0]] * 4), anchors),
+             ("dh = -log 2 halves the height: sizes are scaled by exp(dh)", t([[0.0, 0.0, 0.0, -0.6931]] * 4), anchors),
+             ("a wild dw = 20 early in training is capped at log(1000 / 16) before exp", t([[0.0, 0.0, 20.0, 8.0]] * 4), anchors)]
+    for _ in range(3):
+        cases.append(("on random anchors and deltas", torch.randn(50, 4, generator=g), _random_boxes(50, g)))
+    for why, deltas, ref in cases:
+        want = box_coder.decode(deltas, ref)
+        got = _call(decode, "decode", why, deltas.clone(), ref.clone())
+        x, y, w, h = (ref[:, 0] + ref[:, 2]) / 2, (ref[:, 1] + ref[:, 3]) / 2, ref[:, 2] - ref[:, 0], ref[:, 3] - ref[:, 1]
+        no_exp = torch.stack([x + deltas[:, 0] * w - (1 + deltas[:, 2]) * w / 2, y + deltas[:, 1] * h - (1 + deltas[:, 3]) * h / 2,
+                              x + deltas[:, 0] * w + (1 + deltas[:, 2]) * w / 2, y + deltas[:, 1] * h + (1 + deltas[:, 3]) * h / 2], 1)
+        _compare_boxes(got, want, why, "one xyxy box per anchor", "box",
+                       {"sizes are scaled by exp(dw), exp(dh), not by 1 + dw": no_exp,
+                        "xyxy boxes: the centre is (x1 + x2) / 2, not x1":
+                            box_coder.decode(deltas, ref - torch.stack([w, h, w, h], 1) / 2),
+                        "dw and dh are capped at log(1000 / 16) before exp": box_coder.decode(deltas, ref, clamp=float("inf"))})
+    print("check_decode: correct — your decoding matches fpnlib's box_coder.decode on every case")
+    return True
+
+
+@exercise("fpnlib.modeling.box_coder:encode", "fpnlib.modeling.box_coder:decode")
+def check_regression_targets(targets: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
+    """Sec. 4.2 (Fast R-CNN's head): ``targets(rois [N, 4], gt [N, 4]) -> [N, 4]``, what the head's
+    box branch learns for each foreground RoI: (10 (x - xa) / wa, 10 (y - ya) / ha, 5 log(w / wa),
+    5 log(h / ha)), ``a`` the RoI and (x, y, w, h) its ground truth's centre and size; compared with
+    ``fpnlib.modeling.box_coder.encode`` with ``FAST_RCNN_BOX_WEIGHTS``."""
+    from fpnlib.modeling import box_coder
+
+    weights = box_coder.FAST_RCNN_BOX_WEIGHTS
+    g = torch.Generator().manual_seed(0)
+    roi = torch.tensor([[0.0, 0.0, 40.0, 20.0]])
+    t = torch.tensor
+    cases = [("an RoI that is its ground truth: all zeros", roi, roi.clone()),
+             ("a ground truth shifted right by half the RoI's width: dx = 10 x 0.5 = 5", roi, t([[20.0, 0.0, 60.0, 20.0]])),
+             ("a ground truth twice as tall about the same centre: dh = 5 log 2", roi, t([[0.0, -10.0, 40.0, 30.0]])),
+             ("centres, not corners: a ground truth grown about the RoI's centre has dx = dy = 0", roi, t([[-10.0, -5.0, 50.0, 25.0]]))]
+    for _ in range(3):
+        rois = _random_boxes(60, g, lo=4.0)
+        # each RoI's ground truth: moved by up to half its size, 0.5x .. 2x as wide and as tall
+        cases.append(("on random RoIs and ground truths", rois,
+                      box_coder.decode(torch.rand(60, 4, generator=g) * 1.4 - 0.7, rois)))
+    for why, rois, gt in cases:
+        want = box_coder.encode(rois, gt, weights)
+        got = _call(targets, "targets", why, rois.clone(), gt.clone())
+        _compare_boxes(got, want, why, "four targets per RoI", "RoI",
+                       {"the weights (10, 10, 5, 5) multiply the deltas": box_coder.encode(rois, gt),
+                        "the deltas go from the RoI to its ground truth, not back": box_coder.encode(gt, rois, weights)})
+    print("check_regression_targets: correct — your targets match fpnlib's box_coder.encode on every case")
+    return True
+
+
+# ----------------------------------------------------------------------------- 08: reading the tables
+
+
+def _recorded_tables(results_dir) -> dict[str, dict]:
+    import json
+    from pathlib import Path
+
+    from fpnlib.report import RESULTS_DIR
+
+    folder = Path(results_dir) if results_dir is not None else RESULTS_DIR / "cpu"
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("table[12356].json"))}
+
+
+def _best(record: dict, metric: str) -> str:
+    from fpnlib.narration import best_row
+
+    return best_row(record, metric)[0]
+
+
+@exercise()  # no library function answers it: the shuffled copies reject answers typed in
+def check_best_row(best_row: Callable[[dict, str], str], results_dir=None) -> bool:
+    """08's questions: ``best_row(record, metric) -> row name``, the row of a table record (as
+    ``results/<preset>/tableN.json`` holds it: ``record["rows"][name]["metrics"][metric]``) with the
+    highest value of ``metric``. Asked of every metric of every table in ``results_dir`` (default:
+    ``results/cpu``), and of the same tables with their rows' numbers shuffled, so an answer copied
+    from the tables above does not pass. Prints the answers it checked."""
+    import copy
+
+    tables = _recorded_tables(results_dir)
+    if not tables:
+        raise ExerciseError(f"no table records in {results_dir}: run the tables first (make reproduce)")
+    g = torch.Generator().manual_seed(0)
+    answers = []
+    for name, record in tables.items():
+        metrics = list(next(iter(record["rows"].values()))["metrics"])
+        shuffled = copy.deepcopy(record)
+        rows = list(shuffled["rows"].values())
+        for metric in metrics:
+            values = [r["metrics"].get(metric) for r in rows]
+            for r, k in zip(rows, torch.randperm(len(rows), generator=g).tolist()):
+                r["metrics"][metric] = values[k]
+        for which, rec in (("", record), (" with its rows' numbers shuffled", shuffled)):
+            for metric in metrics:
+                want = _best(rec, metric)
+                got = _call(best_row, "best_row", f"{name}{which}, {metric}", copy.deepcopy(rec), metric)
+                if got not in rec["rows"] or rec["rows"][got]["metrics"][metric] != rec["rows"][want]["metrics"][metric]:
+                    shown = f"{got!r}" + (f" ({metric} {rec['rows'][got]['metrics'][metric]:.1f})" if got in rec["rows"] else "")
+                    raise ExerciseError(f"{name}{which}: the highest {metric} is row {want!r} "
+                                        f"({rec['rows'][want]['metrics'][metric]:.1f}); you answer {shown}")
+            if not which:
+                answers.append(f"{name}: " + ", ".join(f"{m} {_best(rec, m)} ({rec['rows'][_best(rec, m)]['metrics'][m]:.1f})"
+                                                      for m in metrics))
+    print("check_best_row: correct — the best row of every table, by metric:\n  " + "\n  ".join(answers))
     return True

@@ -3,8 +3,8 @@
 ``python -m fpnlib reproduce --preset cpu`` (``make reproduce``) generates the embedded data
 set, records its statistics, regenerates the paper's tables (``fpnlib.experiments.TABLES``; trained
 rows are reused from ``runs/<preset>/``), then executes the lesson notebooks in order with papermill,
-in place, so the committed notebooks, ``figures/`` and ``results/<preset>/`` all come from
-one recorded run.
+in place and with ``record=True`` (the one run that writes the repository's figures and records),
+so the committed notebooks, ``figures/`` and ``results/<preset>/`` all come from one recorded run.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from fpnlib.config import get_preset
 from fpnlib.data.prepare import ensure_dataset, generation_time
 from fpnlib.data.stats import dataset_statistics
-from fpnlib.provenance import REPO_ROOT, provenance
+from fpnlib.provenance import REPO_ROOT, provenance, shown_path
 from fpnlib.report import RESULTS_DIR, update_readme
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -44,17 +44,20 @@ WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
 def strip_widget_state(path: Path) -> None:
-    """Drop the widget state papermill saves (tqdm bars are widgets in a kernel): it is large,
-    useless without the kernel, and a committed notebook must stay small. A widget output keeps
-    its plain-text form (the bar's final line)."""
+    """Drop what a notebook's widgets leave in it (tqdm bars are widgets in a kernel): the widget
+    state papermill saves (large, useless without the kernel; a committed notebook must stay
+    small) and each widget's output, whose plain-text form is the widget as it was created (a
+    bar at 0 %), not as it ended. Papermill's record of the run names its notebook as the
+    repository does, not by the folder of the machine that ran it."""
     nb = json.loads(Path(path).read_text())
     nb.get("metadata", {}).pop("widgets", None)
+    run = nb.get("metadata", {}).get("papermill", {})
+    for key in ("input_path", "output_path"):
+        if run.get(key):
+            run[key] = shown_path(run[key])
     for cell in nb.get("cells", []):
-        for out in cell.get("outputs", []):
-            data = out.get("data", {})
-            if WIDGET_VIEW in data:
-                data.pop(WIDGET_VIEW)
-                data.setdefault("text/plain", "")
+        if "outputs" in cell:
+            cell["outputs"] = [o for o in cell["outputs"] if WIDGET_VIEW not in o.get("data", {})]
     Path(path).write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 
 
@@ -111,7 +114,7 @@ def reproduce(preset: str = "cpu", workers: int = 2, results_dir: Path = RESULTS
     write_claims_report(Path(results_dir) / preset, preset)
     for nb in tqdm(notebooks or lesson_notebooks(), desc=f"notebooks ({preset})", unit="nb"):
         t = time.perf_counter()
-        execute_notebook(nb, {"preset": preset})
+        execute_notebook(nb, {"preset": preset, "record": True})  # the run that writes figures/ and results/
         times[nb.name] = time.perf_counter() - t
         record_notebook_time(preset, nb.name, times[nb.name], results_dir)
     out = Path(results_dir) / preset / "reproduce_times.json"

@@ -6,6 +6,7 @@ functions write PNGs to ``figures/``. Figures are built with ``matplotlib.figure
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -102,7 +103,7 @@ def plot_size_histogram(areas: np.ndarray, title: str = "object sizes", bins: in
     if len(side):
         edges = np.geomspace(max(side.min(), 1.0), side.max() * 1.01, bins + 1)
         ax.hist(side, bins=edges, color="#888888")
-        ax.set_xscale("log", base=2)
+        log_scale(ax, "x", base=2)
     n = max(len(side), 1)
     for limit, name in ((np.sqrt(SMALL_MAX_AREA), "32"), (np.sqrt(MEDIUM_MAX_AREA), "96")):
         ax.axvline(limit, color="black", ls="--", lw=1)
@@ -133,6 +134,31 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 90) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     return path
+
+
+def log_scale(ax, which: str = "x", base: float = 10) -> None:
+    """A log axis whose tick labels are plain text (32, 64, 0.1) in the figure's font, which ships
+    with matplotlib: matplotlib's own log labels are mathtext (2^5), which loads the STIX and
+    Computer Modern fonts too, and a machine whose font cache lacks them prints "findfont: Font
+    family ... not found" under every such figure."""
+    from matplotlib.ticker import LogFormatter
+
+    getattr(ax, f"set_{which}scale")("log", base=base)
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    axis.set_major_formatter(LogFormatter(base=base))
+    axis.set_minor_formatter(LogFormatter(base=base, labelOnlyBase=False))
+
+
+def figure_to_image(fig: Figure, dpi: int = 72, format: str = "png"):
+    """An ``IPython.display.Image`` of ``fig``: a pyplot-free Figure has no rich display of
+    its own (a notebook would print ``<Figure ...>``). A lower dpi than the saved PNG's and
+    ``format="jpeg"`` for figures over photographs (which compress badly as PNG) keep a
+    committed notebook light."""
+    from IPython.display import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format=format, dpi=dpi, **({"pil_kwargs": {"quality": 85}} if format == "jpeg" else {}))
+    return Image(data=buf.getvalue(), format=format)
 
 
 def plot_table_bars(record: dict, paper: dict[str, dict], paper_keys: dict[str, str], metrics: Sequence[str],

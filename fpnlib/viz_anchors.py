@@ -11,7 +11,6 @@ sees them, so the pictures show the library's rule and cannot drift from it.
 """
 from __future__ import annotations
 
-import io
 import math
 from functools import lru_cache
 from typing import Mapping, Sequence
@@ -32,7 +31,7 @@ from fpnlib.modeling.anchors import (
     cell_anchors,
     count_anchors,
 )
-from fpnlib.viz import to_numpy_image
+from fpnlib.viz import figure_to_image, log_scale, to_numpy_image
 
 # One colour per anchor size, smallest first: on the pyramid that is one colour per level.
 SIZE_COLOURS = ("#d62728", "#ff7f0e", "#2ca02c", "#1f77b4", "#9467bd")
@@ -356,7 +355,7 @@ def plot_positives_per_level(positives, side, levels: Sequence[str],
     xs, m, lo, hi = (np.array(v) for v in zip(*stats))
     ax2.fill_between(xs, lo, hi, color="#bbbbbb", label="min..max")
     ax2.plot(xs, m, "o-", color="black", ms=3, label="mean")
-    ax2.set_xscale("log", base=2)
+    log_scale(ax2, "x", base=2)
     ax2.set_xlabel("object size: sqrt(box area) [px]", fontsize=8)
     ax2.set_ylabel("positives per ground truth", fontsize=8)
     ax2.set_title("all levels together", fontsize=9)
@@ -388,7 +387,7 @@ def plot_uncovered_gts(coverage_by_variant: Mapping[str, Mapping], pos_iou: floa
             ax.axhline(t, color="black", ls="--", lw=0.8)
         for s in sorted({s for sz in cov.get("sizes", {}).values() for s in sz}):
             ax.axvline(s, color="#888888", ls=":", lw=0.8)
-        ax.set_xscale("log", base=2)
+        log_scale(ax, "x", base=2)
         ax.set_ylim(0, 1)
         sh = coverage_shares(iou, pos_iou, neg_iou)
         ax.set_title(f"{name}: {len(iou)} gts\n> {pos_iou:g}: {sh['covered']:.0%}, best-anchor only: "
@@ -397,18 +396,6 @@ def plot_uncovered_gts(coverage_by_variant: Mapping[str, Mapping], pos_iou: floa
         ax.tick_params(labelsize=7)
     axes[0].set_ylabel("IoU of the best anchor", fontsize=8)
     return fig
-
-
-def figure_to_image(fig: Figure, dpi: int = 72, format: str = "png"):
-    """An ``IPython.display.Image`` of ``fig``: a pyplot-free Figure has no rich display of
-    its own (a notebook would print ``<Figure ...>``). A lower dpi than the saved PNG's and
-    ``format="jpeg"`` for figures over photographs (which compress badly as PNG) keep a
-    committed notebook light."""
-    from IPython.display import Image
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format=format, dpi=dpi, **({"pil_kwargs": {"quality": 85}} if format == "jpeg" else {}))
-    return Image(data=buf.getvalue(), format=format)
 
 
 def anchor_grid_widget(dataset, variant: str = "fpn", scale: float = 1.0, **label_kwargs):

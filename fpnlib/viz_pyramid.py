@@ -2,8 +2,8 @@
 
 Used by ``notebooks/02_top_down_lateral.ipynb``. Plotting functions are pure: they take
 tensors and return a ``matplotlib.figure.Figure`` (no pyplot state). The one widget,
-:func:`pyramid_widget`, is a thin ``ipywidgets.interactive`` wrapper over
-:func:`plot_level` and imports ipywidgets only when called.
+:func:`pyramid_widget`, is a thin ``ipywidgets.interactive`` wrapper that displays
+:func:`plot_level`'s figure and imports ipywidgets only when called.
 
 :func:`level_dependencies` is the analysis behind the ablation picture: which bottom-up
 maps C2..C5 each output level Pk actually reads, measured by autograd, so the answer comes
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from fpnlib.modeling.anchors import LEVEL_STRIDES
 from fpnlib.modeling.fpn import STRIDES
-from fpnlib.viz import to_numpy_image
+from fpnlib.viz import figure_to_image, to_numpy_image
 
 IN_LEVELS = ("c2", "c3", "c4", "c5")
 OUT_LEVELS = tuple(STRIDES)  # p2..p6
@@ -218,14 +218,21 @@ def plot_dependencies(variants: Mapping[str, Mapping[str, Mapping[str, bool]]],
 def pyramid_widget(image: Tensor, pyramid: Mapping[str, Tensor]):
     """Level and channel sliders over :func:`plot_level` (channel -1 = mean |activation|).
 
-    Returns the ``ipywidgets.interactive`` box; create it only in a live notebook.
+    Returns the ``ipywidgets.interactive`` box; create it only in a live notebook. Each move
+    displays the view as a PNG in the box's output area: ``interactive`` does not display what
+    its function returns, and a pyplot-free Figure has no rich display of its own.
     """
     import ipywidgets as widgets
+    from IPython.display import display
 
     levels = list(pyramid)
     channels = int(next(iter(pyramid.values())).shape[-3])
+
+    def show(level: str, channel: int) -> None:
+        display(figure_to_image(plot_level(image, pyramid, level, channel)))
+
     return widgets.interactive(
-        lambda level, channel: plot_level(image, pyramid, level, channel),
+        show,
         level=widgets.SelectionSlider(options=levels, value=levels[0], description="level"),
         channel=widgets.IntSlider(value=-1, min=-1, max=channels - 1, description="channel"),
     )

@@ -10,7 +10,7 @@ import torch
 from matplotlib.figure import Figure
 
 from fpnlib.modeling.roi_levels import CANONICAL_LEVEL, CANONICAL_SIZE, assign_fpn_levels
-from fpnlib.viz import _rect, to_numpy_image
+from fpnlib.viz import _rect, log_scale, to_numpy_image
 from fpnlib.viz_rpn import LEVEL_COLOURS
 
 
@@ -39,7 +39,7 @@ def plot_level_rule(canonical_size: float = CANONICAL_SIZE, k0: int = CANONICAL_
                                canonical_size=canonical_size, k_min=k_min, k_max=k_max).numpy()
         ax.scatter(s, kk + np.random.default_rng(0).uniform(-0.2, 0.2, len(s)), s=4, alpha=0.3,
                    c=[LEVEL_COLOURS[(x - 2) % len(LEVEL_COLOURS)] for x in kk])
-    ax.set_xscale("log")
+    log_scale(ax, "x")
     ax.set_yticks(range(k_min, k_max + 1), [f"P{i}" for i in range(k_min, k_max + 1)])
     ax.set_xlabel("RoI side sqrt(w h) [px]", fontsize=8)
     ax.set_title(f"Eq. (1): k = floor({k0} + log2(sqrt(wh) / {canonical_size:g})), clamped to [{k_min}, {k_max}]",

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from fpnlib.viz import _rect, plot_table_bars, to_numpy_image
+from fpnlib.viz import _rect, log_scale, plot_table_bars, to_numpy_image
 
 LEVEL_COLOURS = ["#e41a1c", "#ff7f00", "#4daf4a", "#377eb8", "#984ea3"]  # finest -> coarsest
 
@@ -28,7 +28,7 @@ def plot_training_log(logs: dict[str, list[dict]], keys: Sequence[str] = ("loss_
             ax.plot([r["iteration"] for r in log], [r[key] for r in log], label=name, lw=1)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("iteration", fontsize=8)
-        ax.set_yscale("log")
+        log_scale(ax, "y")
     axes[-1].legend(fontsize=6)
     return fig
 
@@ -52,7 +52,7 @@ def plot_proposals_by_level(image, boxes, levels, level_names: Sequence[str], gt
         sel = levels == i
         ax_hist.hist(side[sel], bins=bins, histtype="step", lw=1.5, color=LEVEL_COLOURS[i % len(LEVEL_COLOURS)],
                      label=f"{name}: {int(sel.sum())}")
-    ax_hist.set_xscale("log")
+    log_scale(ax_hist, "x")
     ax_hist.set_xlabel("proposal sqrt(area) [px]", fontsize=8)
     ax_hist.set_ylabel("proposals", fontsize=8)
     ax_hist.set_title("all proposals of the image, by level", fontsize=9)

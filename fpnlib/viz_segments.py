@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 
 from fpnlib.modeling.fpn import STRIDES
 from fpnlib.modeling.segment_proposals import LocationGrid, Slot, assign_segment_levels, label_locations
-from fpnlib.viz import _rect, to_numpy_image
+from fpnlib.viz import _rect, log_scale, to_numpy_image
 from fpnlib.viz_rpn import LEVEL_COLOURS
 
 
@@ -38,7 +38,7 @@ def plot_segment_slots(slots: Sequence[Slot], object_scales: Sequence[float] | N
         idx = assign_segment_levels(sc, slots).numpy()
         jitter = np.random.default_rng(0).uniform(-0.25, 0.25, len(idx))
         ax.scatter(sc.numpy(), idx + jitter, s=4, c="black", alpha=0.25)
-    ax.set_xscale("log")
+    log_scale(ax, "x")
     ax.set_yticks(range(len(slots)), [f"{s.scale:.0f} px" for s in slots], fontsize=7)
     ax.set_xlim(lo[0], hi[-1] * 8)  # room for the labels
     ax.set_xlabel("object scale max(w, h) [px]", fontsize=8)

@@ -134,9 +134,55 @@ def test_plot_dependencies_marks_absent_levels(feats, tmp_path):
     assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size < 300_000
 
 
-def test_pyramid_widget_has_level_and_channel_sliders(pyramid):
+def test_pyramid_widget_draws_a_new_image_on_every_move(pyramid, monkeypatch):
+    """The widget shows a picture when created and another when a slider moves: what it hands to
+    IPython's display, as the notebook's output area receives it (the browser test,
+    tests/test_browser.py, checks the same in JupyterLab)."""
     pytest.importorskip("ipywidgets")
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda *objs, **kw: shown.extend(objs))
     w = pyramid_widget(torch.rand(3, *HW), pyramid)
     level, channel = w.kwargs_widgets
     assert list(level.options) == list(pyramid) and channel.min == -1 and channel.max == 7
-    assert w.result is not None  # the initial view was drawn
+    assert [type(o).__name__ for o in shown] == ["Image"], "the initial view is displayed as an image"
+    level.value = "p4"
+    channel.value = 3
+    assert len(shown) == 3, "each slider move displays a new view"
+    pngs = [o.data for o in shown]
+    assert all(p[:4] == b"\x89PNG" for p in pngs)
+    assert len(set(pngs)) == 3, "a move changes the picture"
+
+
+def test_log_axes_draw_their_labels_without_mathtext(monkeypatch):
+    """matplotlib's default log-axis labels are mathtext (2^5), which looks up the STIX and
+    Computer Modern fonts: where the font cache lacks them every such figure printed "findfont:
+    Font family ... not found" in the notebooks. The lessons' log-axis figures draw with mathtext
+    switched off, and their labels are the plain numbers."""
+    import io
+
+    import matplotlib.mathtext
+    import numpy as np
+
+    from fpnlib.modeling.segment_proposals import canonical_slots
+    from fpnlib.viz import plot_size_histogram
+    from fpnlib.viz_anchors import plot_uncovered_gts
+    from fpnlib.viz_roi import plot_level_rule
+    from fpnlib.viz_rpn import plot_training_log
+    from fpnlib.viz_segments import plot_segment_slots
+
+    def no_mathtext(*args, **kwargs):
+        raise AssertionError("a figure label went through mathtext")
+
+    monkeypatch.setattr(matplotlib.mathtext.MathTextParser, "parse", no_mathtext)
+    rng = np.random.default_rng(0)
+    side = rng.uniform(8, 200, 50)
+    log = [{"iteration": i, "loss_objectness": 1 / (i + 1), "loss_rpn_box": 0.5 / (i + 1)} for i in range(20)]
+    coverage = {"fpn": {"side": side, "best_iou": rng.uniform(0, 1, 50), "sizes": {"p2": (16.0,), "p3": (32.0,)}}}
+    figures = [plot_size_histogram(side ** 2), plot_level_rule(sides=side), plot_training_log({"fpn": log}),
+               plot_segment_slots(canonical_slots(("5x5", "7x7")), side), plot_uncovered_gts(coverage)]
+    for fig in figures:
+        fig.savefig(io.BytesIO(), format="png")
+    labels = [t.get_text() for t in figures[0].get_axes()[0].get_xticklabels() if t.get_text()]
+    assert labels and all("$" not in t for t in labels) and "32" in labels, labels
