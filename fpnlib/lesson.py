@@ -56,7 +56,7 @@ def lesson_outputs(preset: str, record: bool, figures_dir: str | os.PathLike = "
 
 
 # the folder of a row's checkpoint under runs/<preset>/table<N>/, where it is not the row's name
-_ROW_DIRS = {5: {"share": "step4"}}
+_ROW_DIRS = {3: {"fpn": "../table2/fpn"}, 5: {"share": "step4"}}  # Table 3(c) is Table 2(c)
 # rows a table takes from another table's runs (Table 5's unshared row is Table 3(c))
 _BORROWED = {5: ("no_share",)}
 

@@ -166,7 +166,8 @@ def claims_summary(claims: Mapping[int, Sequence | None], detectors: Mapping[str
             continue
         verdicts = [c.verdict for c in cs]
         lines.append(f"- Table {n} ({names.get(n, '')}): {verdicts.count('reproduced')} of {len(cs)} reproduced, "
-                     f"{verdicts.count('inconclusive')} inconclusive, {verdicts.count('NOT reproduced')} not reproduced.")
+                     f"{verdicts.count('inconclusive')} inconclusive, {verdicts.count('seed-dependent')} seed-dependent, "
+                     f"{verdicts.count('NOT reproduced')} not reproduced.")
     reading = []
     rpn = claims.get(1) or []
     if rpn:
@@ -201,3 +202,20 @@ def results_reading(results_dir) -> str:
     other = collect_claims(folder / "seed1")[1] if (folder / "seed1" / "table1.json").exists() else None
     return claims_summary(collect_claims(folder), {f"Table {n}": records[n] for n in (2, 3, 5) if n in records},
                           other, records.get(6))
+
+
+def pretraining(record: Mapping | None, preset: str) -> str:
+    """What the stand-in for ImageNet pre-training reached (``pretrain.json``), or how to run it."""
+    if record is None:
+        return (f"No pre-training recorded under `{preset}` yet: `python -m fpnlib pretrain --preset {preset}` "
+                "(or `make reproduce`, whose first table runs it) trains the classifier and writes its record.")
+    held = record["held_out"]
+    classes = {k: v for k, v in held["by_class"].items() if v is not None}
+    worst, best = min(classes, key=classes.get), max(classes, key=classes.get)
+    sizes = ", ".join(f"{k} {v:.0f}%" for k, v in held["by_size"].items() if v is not None)
+    s = record["budget"]["schedule"]
+    return (f"The classifier was trained for {s['iterations']} iterations of {s['batch_size']} crops of "
+            f"{record['budget']['crop_size']} px ({record['train_time_s'] / 60:.1f} min) and classifies "
+            f"**{held['accuracy']:.1f}%** of {held['crops']} held-out crops right, where guessing gets "
+            f"{held['chance']:.1f}%: from {classes[worst]:.0f}% ({worst}) to {classes[best]:.0f}% ({best}) by class, "
+            f"{sizes} by object size. Every RPN and detector of the tables starts from its bottom-up weights.")

@@ -20,16 +20,17 @@ def read_log(path: str | Path) -> list[dict]:
 
 
 def plot_training_log(logs: dict[str, list[dict]], keys: Sequence[str] = ("loss_objectness", "loss_rpn_box")) -> Figure:
-    """One panel per loss term, one line per run (e.g. per Table 1 row)."""
+    """One panel per loss term, one line per run (e.g. per Table 1 row) that logs it."""
     fig = Figure(figsize=(3.2 * len(keys), 2.6), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(keys)))
     for ax, key in zip(axes, keys):
         for name, log in logs.items():
-            ax.plot([r["iteration"] for r in log], [r[key] for r in log], label=name, lw=1)
+            if log and key in log[0]:  # an RPN logs no head losses, a Fast R-CNN no RPN losses
+                ax.plot([r["iteration"] for r in log], [r[key] for r in log], label=name, lw=1)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("iteration", fontsize=8)
         log_scale(ax, "y")
-    axes[-1].legend(fontsize=6)
+        ax.legend(fontsize=6)
     return fig
 
 

@@ -28,8 +28,10 @@ from fpnlib.experiments import table2, table3, table5
 
 pytestmark = pytest.mark.slow
 
-# minimum AP50 on val after the smoke budget, percent (measured: see the closing comment of this file)
-THRESHOLDS = {"fpn": 1.0, "c4_conv5": 1.0, "share": 0.5}
+# minimum AP50 on val after the smoke budget, percent. Measured on the dev machine (AMD EPYC, one
+# thread, as each pytest-xdist worker of make test runs, seed 0): Table 3 (c) fpn 3.6, (a) c4_conv5
+# 1.4, Table 5 share 4.9; every row untrained: 0.0.
+THRESHOLDS = {"fpn": 1.5, "c4_conv5": 0.7, "share": 2.0}
 MIN_TRAIN_AP50_FPN = 5.0  # the FPN detector on its own training images
 
 

@@ -87,3 +87,15 @@ def test_the_committed_records_read_as_they_are():
     for n, cs in claims.items():
         held = sum(c["verdict"] == "reproduced" for c in cs)
         assert f"Table {n} (" in text and f"{held} of {len(cs)} reproduced" in text
+
+
+def test_pretraining_sentence_reads_the_record():
+    record = {"held_out": {"accuracy": 81.0, "crops": 436, "chance": 11.1,
+                           "by_class": {"background": 77.1, "disk": 82.4, "crescent": 70.9, "star": 88.9},
+                           "by_size": {"small": 86.4, "medium": 74.8, "large": None}},
+              "budget": {"crop_size": 78, "schedule": {"iterations": 600, "batch_size": 128}}, "train_time_s": 312.2}
+    text = narration.pretraining(record, "cpu")
+    assert "**81.0%** of 436 held-out crops" in text and "guessing gets 11.1%" in text
+    assert "from 71% (crescent) to 89% (star)" in text and "small 86%, medium 75% by object size" in text
+    assert "600 iterations of 128 crops of 78 px (5.2 min)" in text
+    assert "python -m fpnlib pretrain --preset cpu" in narration.pretraining(None, "cpu")

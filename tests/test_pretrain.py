@@ -135,3 +135,20 @@ def test_pretraining_learns_on_smoke(tmp_path):
     held = record["held_out"]
     assert held["chance"] == pytest.approx(100 / 9, abs=0.1)
     assert held["accuracy"] >= MIN_HELD_OUT_ACCURACY > held["chance"] + 15, held
+
+
+def test_the_lesson_figure_shows_crops_and_where_the_evidence_lies(smoke_root, tmp_path):
+    from fpnlib.engine.train import train
+    from fpnlib.viz_pretrain import class_activation, plot_crops_and_activations
+
+    split = load_coco_split(smoke_root, "train", with_masks=False)
+    crops = ObjectCrops(split, range(4), 56, train=False)
+    model = BackboneClassifier(split.num_classes + 1, depth=18, width=32, norm="gn")
+    s = Schedule(iterations=1, batch_size=2, lr=0.0, warmup_iters=0, steps=(), checkpoint_every=1)
+    train(model, crops, s, tmp_path, progress=False)
+    loaded = pretrain.load_classifier("smoke", tmp_path, split.num_classes + 1)
+    label, cam = class_activation(loaded, crops[0][0])
+    assert 0 <= label <= split.num_classes and cam.shape == (56, 56) and cam.min() >= 0 and cam.max() <= 1
+    names = {0: "background", **{i + 1: c["name"] for i, c in enumerate(split.categories)}}
+    fig = plot_crops_and_activations(loaded, crops, names, count=3)
+    assert len(fig.axes) == 6

@@ -188,6 +188,17 @@ def initialise_from_pretraining(model: nn.Module, weights) -> nn.Module:
     return model
 
 
+def load_classifier(preset: str, run_dir, num_classes: int, device: str = "cpu") -> nn.Module:
+    """The trained classifier of ``run_dir`` (its ``train`` checkpoint), in eval mode."""
+    from fpnlib.engine.train import load_checkpoint
+    from fpnlib.modeling.classifier import BackboneClassifier
+
+    budget = budget_for(preset)
+    model = BackboneClassifier(num_classes, budget.depth, budget.width, budget.norm)
+    load_checkpoint(model, Path(run_dir) / "last.pt", device=device)
+    return model.to(device).eval()
+
+
 def initialised(model: nn.Module, weights) -> nn.Module:
     """``model`` started from the pre-trained weights ``weights`` (None: as built, random init)."""
     return model if weights is None else initialise_from_pretraining(model, weights)
