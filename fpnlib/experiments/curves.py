@@ -31,11 +31,11 @@ def learning_curve(model, train_set, score: Callable[[object], dict], schedule: 
 
     out_path = Path(out_path)
     points, clock = [], {"since": time.perf_counter(), "train_s": 0.0}
+    # the code version and time the run started with (the record is rewritten after every point)
+    started = provenance(what.get("preset", ""), seed, device=str(device), torch_threads=torch.get_num_threads())
 
     def write() -> None:
-        record = dict(what, schedule=asdict(schedule), points=points,
-                      provenance=provenance(what.get("preset", ""), seed, device=str(device),
-                                            torch_threads=torch.get_num_threads()))
+        record = dict(what, schedule=asdict(schedule), points=points, provenance=started)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(record, indent=1) + "\n")
 
