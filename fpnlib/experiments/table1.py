@@ -134,6 +134,8 @@ def run_row(variant: str, preset: str, data_root, out_dir, seed: int = 0, device
                                 with_masks=False)
     val_set = load_coco_split(data_root, "val", transforms=build_transforms(False, min_size, max_size),
                               with_masks=False)
+    if not (Path(out_dir) / "last.pt").exists():  # about to train from scratch: a bad image fails now, not hours in
+        train_set.check_for_training(progress=None if progress else False)
     model = initialised(build_row(variant, preset, seed), pretrained)
     run = train(model, train_set, schedule, Path(out_dir), seed=seed, device=device, progress=progress,
                 workers=workers, description=f"Table 1 {variant}", start_from=start_from(pretrained))

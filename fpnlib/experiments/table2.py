@@ -173,6 +173,8 @@ def run_row(variant: str, preset: str, data_root, proposals: dict[str, Path], ou
     train_set = split_with_proposals(preset, data_root, "train", proposals["train"], train=True)
     val_set = split_with_proposals(preset, data_root, "val", proposals["val"], train=False,
                      max_proposals=light_settings(variant, preset).get("test_proposals"))
+    if not (Path(out_dir) / "last.pt").exists():  # about to train from scratch: a bad image fails now, not hours in
+        train_set.dataset.check_for_training(progress=None if progress else False)
     model = initialised(build_row(variant, preset, train_set.dataset.num_classes, seed), pretrained)
     run = train(model, train_set, schedule, Path(out_dir), seed=seed, device=device, progress=progress,
                 description=f"Table 2 {variant}", start_from=start_from(pretrained))
