@@ -19,3 +19,16 @@ def test_anchor_coverage_counts_every_val_object_per_size(smoke_root, tmp_path):
     large = {v: d["by_size"]["large"] for v, d in record["variants"].items()}
     assert large["p2_only"]["median_best_iou"] >= large["fpn"]["median_best_iou"]
     assert record["variants"]["fpn"]["anchor_sizes"]["p6"] == [512 * 0.25]
+
+
+def test_segment_coverage_reads_a_trained_row(smoke_root, tmp_path):
+    from fpnlib.experiments import table6
+    from fpnlib.experiments.coverage import segment_coverage
+
+    table6.run_row("dual", "smoke", smoke_root, tmp_path / "dual", iterations=2, progress=False)
+    record = segment_coverage("smoke", smoke_root, tmp_path / "dual", out_path=tmp_path / "segments.json")
+    assert json.loads((tmp_path / "segments.json").read_text())["by_size"] == record["by_size"]
+    for b in record["by_size"].values():
+        assert 0 <= b["covered_at_iou_0.5"] <= b["objects"] and sum(b["slots"].values()) == b["objects"]
+    # every image's 1000 proposals (fewer where an image has fewer locations) are spread over the 9 slots
+    assert len(record["proposals_per_image_by_slot"]) <= 9 and all(v > 0 for v in record["proposals_per_image_by_slot"].values())
