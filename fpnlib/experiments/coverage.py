@@ -98,7 +98,11 @@ def segment_coverage(preset: str, data_root, run_dir, variant: str = "dual", out
         buckets[name] = {"objects": len(sel), "covered_at_iou_0.5": sum(o[2] >= 0.5 for o in sel),
                          "median_best_iou": med([o[2] for o in sel]), "median_best_iou_own_slot": med([o[3] for o in sel]),
                          "slots": dict(collections.Counter(names[o[1]] for o in sel).most_common())}
-    record = {"variant": variant, "checkpoint": shown_path(Path(run_dir) / "last.pt"), "by_size": buckets,
+    evaluated = Path(run_dir) / "row.json"  # the row's own record (``tables.reuse_evaluated``), when there is one
+    row = json.loads(evaluated.read_text())["row"] if evaluated.exists() else {}
+    record = {"variant": variant, "checkpoint": shown_path(Path(run_dir) / "last.pt"),
+              "row": {k: row[k] for k in ("metrics", "iterations", "lr", "initialisation", "train_commits") if k in row},
+              "by_size": buckets,
               "proposals_per_image_by_slot": {names[k]: round(v / len(val), 1) for k, v in sorted(per_slot.items())},
               "provenance": provenance(preset, seed, step="segment coverage")}
     if out_path is not None:
