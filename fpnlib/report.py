@@ -283,6 +283,28 @@ def render_coverage_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") 
                                   f"{_provenance_line(rec['provenance'])})."])
 
 
+def render_segment_coverage_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> str:
+    """Table 6's val objects against a trained row's 1000 segment proposals (``segment_coverage.json``)."""
+    path = Path(results_dir) / preset / "segment_coverage.json"
+    if not path.exists():
+        return f"_Not recorded yet under `{preset}` (`fpnlib.experiments.coverage.segment_coverage`)._"
+    rec = json.loads(path.read_text())
+    rows = ["| objects | count | covered at mask IoU >= 0.5 | median best IoU | ... among its own slot's proposals "
+            "| slots they fall to |", "|---|---|---|---|---|---|"]
+    for name, b in rec["by_size"].items():
+        slots = ", ".join(f"{k}: {v}" for k, v in b["slots"].items())
+        rows.append(f"| {name} | {b['objects']} | {b['covered_at_iou_0.5']} | {b['median_best_iou']} | "
+                    f"{b['median_best_iou_own_slot']} | {slots} |")
+    per = rec["proposals_per_image_by_slot"]
+    row = rec.get("row", {})
+    ar = row.get("metrics", {})
+    made = (f"row `{rec['variant']}` ({row.get('iterations', '?')} iterations, AR {ar.get('AR', float('nan')):.1f}, "
+            f"AR_l {ar.get('AR_l', float('nan')):.1f}, backbone {row.get('initialisation', {}).get('backbone', '?')})")
+    return "\n".join(rows + ["", "Proposals per image by slot: " + ", ".join(f"{k} {v:g}" for k, v in per.items()) + ".",
+                              "", f"From `results/{preset}/segment_coverage.json`: {made}, "
+                                  f"{_provenance_line(rec['provenance'])}."])
+
+
 def render_curves_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> str:
     """Every recorded learning curve of ``preset`` (``curve_*.json``, ``fpnlib.experiments.curves``):
     the metric at each scored iteration and the training time it took."""
@@ -305,7 +327,8 @@ def render_curves_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") ->
     return "\n".join(out).rstrip()
 
 
-BLOCKS = {"data": render_data_block, "coverage": render_coverage_block, "curves": render_curves_block, "figure1": render_figure1_block, "reproduce": render_reproduce_block,
+BLOCKS = {"data": render_data_block, "coverage": render_coverage_block, "curves": render_curves_block,
+          "segment_coverage": render_segment_coverage_block, "figure1": render_figure1_block, "reproduce": render_reproduce_block,
           **{f"table{n}": _table_renderer(n) for n in (1, 2, 3, 5, 6)},
           "claims": render_claims_block, "notebooks": render_notebooks_block, "bench": render_bench_block,
           "seeds": render_seeds_block}
