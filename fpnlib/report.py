@@ -265,12 +265,20 @@ def render_seeds_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> 
     return "\n".join(out).rstrip()
 
 
+def _coverage_record(results_dir: Path, preset: str, name: str) -> dict | str:
+    """``results/<preset>/<name>.json`` (written by ``fpnlib.experiments.coverage.<name>``), or the
+    line a README block shows while it is not recorded."""
+    path = Path(results_dir) / preset / f"{name}.json"
+    if not path.exists():
+        return f"_Not recorded yet under `{preset}` (`fpnlib.experiments.coverage.{name}`)._"
+    return json.loads(path.read_text())
+
+
 def render_coverage_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> str:
     """The anchor coverage of the val objects by size and RPN (``anchor_coverage.json``)."""
-    path = Path(results_dir) / preset / "anchor_coverage.json"
-    if not path.exists():
-        return f"_Not recorded yet under `{preset}` (`fpnlib.experiments.coverage.anchor_coverage`)._"
-    rec = json.loads(path.read_text())
+    rec = _coverage_record(results_dir, preset, "anchor_coverage")
+    if isinstance(rec, str):
+        return rec
     rows = ["| RPN | anchors (px) | large objects | with no positive anchor | median best-anchor IoU |"
             " small: best IoU < 0.5 |", "|---|---|---|---|---|---|"]
     for variant, d in rec["variants"].items():
@@ -285,10 +293,9 @@ def render_coverage_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") 
 
 def render_segment_coverage_block(results_dir: Path = RESULTS_DIR, preset: str = "cpu") -> str:
     """Table 6's val objects against a trained row's 1000 segment proposals (``segment_coverage.json``)."""
-    path = Path(results_dir) / preset / "segment_coverage.json"
-    if not path.exists():
-        return f"_Not recorded yet under `{preset}` (`fpnlib.experiments.coverage.segment_coverage`)._"
-    rec = json.loads(path.read_text())
+    rec = _coverage_record(results_dir, preset, "segment_coverage")
+    if isinstance(rec, str):
+        return rec
     rows = ["| objects | count | covered at mask IoU >= 0.5 | median best IoU | ... among its own slot's proposals "
             "| slots they fall to |", "|---|---|---|---|---|---|"]
     for name, b in rec["by_size"].items():
