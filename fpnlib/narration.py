@@ -2,8 +2,8 @@
 
 A lesson's text about a result is generated here from the record (``results/<preset>/*.json``,
 a detection, a measured cost), so it reads right whatever the numbers become: an untrained
-detector is called untrained, a trained one is compared with the paper, a claim that holds on
-one seed and not the other is called not established. Each function returns Markdown.
+detector is called untrained, a trained one is compared with the paper, a claim whose seeds
+disagree is called not established (the claims report's rule). Each function returns Markdown.
 """
 from __future__ import annotations
 
@@ -92,19 +92,23 @@ def _diff(claim) -> float:
     return claim.ours[0] - claim.ours[1]
 
 
+# how a lesson says each verdict of the claims rule over seeds (``claims.across_seeds``)
+SEED_WORDS = {"reproduced": "holds on both seeds", "NOT reproduced": "the opposite holds on both seeds",
+              "inconclusive": "under a point on both seeds", "seed-dependent": "not established: the seeds disagree"}
+
+
 def seeds_agreement(claims: Sequence, other_seed: Sequence, seeds: tuple[int, int] = (0, 1)) -> str:
-    """Each claim's difference on two seeds, and whether it holds on both (beyond
-    ``INCONCLUSIVE_BELOW`` points and in the paper's direction). Claims are ``tables.Claim``."""
+    """Each claim's difference on two seeds, and its verdict by the claims report's rule over seeds
+    (``fpnlib.experiments.claims.across_seeds``). Claims are ``tables.Claim``."""
+    from fpnlib.experiments.claims import across_seeds
+
     others = {(c.rows, c.metric): c for c in other_seed}
     lines = []
     for c in claims:
         o = others.get((c.rows, c.metric))
         if o is None:
             continue
-        direction = 1 if c.paper[0] > c.paper[1] else -1
-        holds = [direction * _diff(x) >= INCONCLUSIVE_BELOW for x in (c, o)]
-        what = ("holds on both seeds" if all(holds) else
-                "not established: it holds on one seed only" if any(holds) else "holds on neither seed")
+        what = SEED_WORDS[across_seeds([_diff(c), _diff(o)], c.paper[0] - c.paper[1])]
         lines.append(f"- {c.text} ({c.metric}): {_diff(c):+.1f} on seed {seeds[0]}, {_diff(o):+.1f} on seed {seeds[1]}: "
                      f"{what}")
     if not lines:
@@ -153,9 +157,9 @@ def segment_sizes(record: Mapping) -> str:
 
 
 def claims_summary(claims: Mapping[int, Sequence | None], detectors: Mapping[str, Mapping],
-                   table1_other_seed: Sequence | None = None, segments: Mapping | None = None) -> str:
-    """08's reading of the claims report: a tally per table, then what it means: Table 1's claims
-    (and how many hold on a second seed, ``table1_other_seed``), the detectors' state
+                   segments: Mapping | None = None) -> str:
+    """08's reading of the claims report (its verdicts already read every recorded seed): a tally
+    per table, then what it means: Table 1's claims, the detectors' state
     (``detector_state`` of ``detectors``), which decides how much Tables 2, 3 and 5 say, and
     Table 6 by object size (``segments``, its record)."""
     names = {1: "RPNs", 2: "Fast R-CNN on fixed proposals", 3: "Faster R-CNN", 5: "shared features", 6: "segment proposals"}
@@ -173,13 +177,10 @@ def claims_summary(claims: Mapping[int, Sequence | None], detectors: Mapping[str
     if rpn:
         held = [c for c in rpn if c.verdict == "reproduced"]
         small = any(c.metric.endswith("_s") for c in held)
+        seeds = max(len(c.by_seed) for c in rpn) if hasattr(rpn[0], "by_seed") else 1
         reading.append(f"Table 1, the pyramid's effect on proposals: {len(held)} of {len(rpn)} claims show on this "
-                       f"budget{', small objects among them' if small else ''}.")
-        if table1_other_seed:
-            others = {(c.rows, c.metric): c for c in table1_other_seed}
-            both = [c for c in held if (o := others.get((c.rows, c.metric))) is not None
-                    and o.verdict == "reproduced"]
-            reading.append(f"On a second seed {len(both)} of those {len(held)} hold again.")
+                       f"budget{', small objects among them' if small else ''}"
+                       f"{f', on each of {seeds} seeds' if seeds > 1 else ''}.")
     if detectors:
         reading.append(detector_state(detectors))
     if segments:
@@ -199,9 +200,8 @@ def results_reading(results_dir) -> str:
     folder = Path(results_dir)
     records = {n: json.loads((folder / f"table{n}.json").read_text()) for n in (2, 3, 5, 6)
                if (folder / f"table{n}.json").exists()}
-    other = collect_claims(folder / "seed1")[1] if (folder / "seed1" / "table1.json").exists() else None
     return claims_summary(collect_claims(folder), {f"Table {n}": records[n] for n in (2, 3, 5) if n in records},
-                          other, records.get(6))
+                          records.get(6))
 
 
 def pretraining(record: Mapping | None, preset: str) -> str:

@@ -52,9 +52,12 @@ def _claim(diff: float, paper=(2.0, 1.0), text="the top-down pathway matters", r
 def test_seeds_agreement_needs_both_seeds():
     x = {"text": "x", "rows": ("fpn", "c4")}
     text = narration.seeds_agreement([_claim(1.0), _claim(3.0, **x)], [_claim(0.5), _claim(2.5, **x)])
-    assert "+1.0 on seed 0, +0.5 on seed 1: not established" in text
+    assert "+1.0 on seed 0, +0.5 on seed 1: not established: the seeds disagree" in text
     assert "+3.0 on seed 0, +2.5 on seed 1: holds on both seeds" in text
-    assert "holds on neither" in narration.seeds_agreement([_claim(-2.0)], [_claim(0.2)])
+    # the same words as the claims report's rule: against on both seeds, under a point on both
+    assert "the opposite holds on both seeds" in narration.seeds_agreement([_claim(-2.0)], [_claim(-1.5)])
+    assert "under a point on both seeds" in narration.seeds_agreement([_claim(0.9)], [_claim(-0.2)])
+    assert "not established" in narration.seeds_agreement([_claim(-2.0)], [_claim(0.2)])
     assert "No second seed" in narration.seeds_agreement([_claim(1.0)], [])
 
 

@@ -155,10 +155,9 @@ def pretrained_weights(preset: str, data_root, runs_root, seed: int = 0, device:
     run_dir = Path(runs_root) / ("pretrain" + (f"-seed{seed}" if seed else "") + (f"-{iterations}it" if iterations else ""))
     path = run_dir / BACKBONE_FILE
     finished = run_dir / "pretrain.json"
-    if not (path.exists() and finished.exists()
-            and json.loads(finished.read_text())["budget"]["schedule"]
-            == json.loads(json.dumps(asdict(shortened(budget_for(preset).schedule, iterations))))
-            and json.loads(finished.read_text())["provenance"]["seed"] == seed):
+    kept = json.loads(finished.read_text()) if path.exists() and finished.exists() else None
+    wanted = json.loads(json.dumps(asdict(shortened(budget_for(preset).schedule, iterations))))  # as JSON keeps it
+    if not (kept and kept["budget"]["schedule"] == wanted and kept["provenance"]["seed"] == seed):
         run_pretrain(preset, data_root, run_dir, out_dir, seed=seed, device=device, progress=progress,
                      iterations=iterations)
     elif out_dir is not None:
